@@ -1,0 +1,8 @@
+"""thinfer: an inference engine for large reasoning models."""
+
+from thinfer.llm import LLM
+from thinfer.outputs import CompletionOutput, RequestOutput
+from thinfer.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.1.0"

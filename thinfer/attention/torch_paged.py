@@ -1,0 +1,113 @@
+"""Attention over the paged KV cache in plain torch.
+
+This is the CPU backend and the ground truth that GPU kernels are tested against. The cache
+of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]; a
+sequence's slot s lives in block `block_table[s // block_size]` at offset `s % block_size`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from thinfer.attention.metadata import AttentionMetadata
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys/values [T, Hkv, D] into their flat slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, length: int
+) -> torch.Tensor:
+    """The first `length` slots of one sequence: [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks]]
+    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:length]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of the flat queries q [T, Hq, D] over the cache; returns [T, Hq, D]."""
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = decode_attention(
+            q[: meta.num_decodes],
+            k_cache,
+            v_cache,
+            meta.block_tables[: meta.num_decodes],
+            meta.context_lens[: meta.num_decodes],
+            max(meta.context_lens_list[: meta.num_decodes]),
+            scale,
+        )
+    for i in range(meta.num_decodes, meta.num_seqs):
+        start, n = meta.query_starts_list[i], meta.query_lens_list[i]
+        out[start : start + n] = prefill_attention(
+            q[start : start + n],
+            gather_kv(k_cache, meta.block_tables[i], meta.context_lens_list[i]),
+            gather_kv(v_cache, meta.block_tables[i], meta.context_lens_list[i]),
+            scale,
+        )
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], attending to its first context_lens[b] slots."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = (max_context_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks]
+    keys = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    queries = q.view(batch, num_kv_heads, group, head_dim)
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
+    slots = torch.arange(scores.shape[-1], device=q.device)
+    invalid = slots[None, :] >= context_lens[:, None]
+    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(batch, num_heads, head_dim)
+
+
+def prefill_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """n new queries [n, Hq, D] over keys/values [c, Hkv, D] whose last n are the new tokens.
+
+    Query i may see key j when j <= c - n + i (causal, aligned at the end).
+    """
+    n, c = q.shape[0], keys.shape[0]
+    query_slots = torch.arange(c - n, c, device=q.device)
+    allowed = torch.arange(c, device=q.device)[None, :] <= query_slots[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

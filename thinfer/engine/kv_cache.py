@@ -1,0 +1,140 @@
+"""The paged KV cache: one preallocated tensor, fixed-size blocks, a free list.
+
+All layers share a sequence's block table: block b holds slots [b*block_size, (b+1)*block_size)
+of the sequence in every layer. The manager allocates and frees blocks and moves data (swap
+out/in on preemption); it never decides *which* tokens to keep.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import torch
+
+from thinfer.config import ModelConfig
+from thinfer.engine.sequence import Sequence
+
+
+class KVCache:
+    """Cache storage [layers, 2, num_blocks, block_size, kv_heads, head_dim] and its pool."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.storage = torch.empty(
+            (
+                model_cfg.num_hidden_layers,
+                2,
+                num_blocks,
+                block_size,
+                model_cfg.num_key_value_heads,
+                model_cfg.head_dim,
+            ),
+            dtype=dtype,
+            device=device,
+        )
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Slots in the whole pool."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not held by any sequence."""
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by sequences."""
+        return self.num_blocks - len(self._free)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V of one block over all layers."""
+        return self.storage[:, :, 0].numel() * self.storage.element_size()
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(K, V) views [num_blocks, block_size, kv_heads, head_dim] of each layer."""
+        return [(layer[0], layer[1]) for layer in self.storage]
+
+    def blocks_for(self, num_slots: int) -> int:
+        """Blocks needed to hold `num_slots` slots."""
+        return -(-num_slots // self.block_size)
+
+    def num_new_blocks(self, seq: Sequence, num_new_slots: int) -> int:
+        """Blocks `seq` must gain to append `num_new_slots` slots."""
+        return max(0, self.blocks_for(seq.kv_len + num_new_slots) - len(seq.block_table))
+
+    def can_append(self, seq: Sequence, num_new_slots: int, reserve: int = 0) -> bool:
+        """True when the pool can give `seq` room for `num_new_slots` more slots."""
+        return self.num_new_blocks(seq, num_new_slots) + reserve <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_new_slots: int) -> None:
+        """Grow `seq`'s block table to hold `num_new_slots` more slots."""
+        needed = self.num_new_blocks(seq, num_new_slots)
+        if needed > self.num_free_blocks:
+            raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
+        seq.block_table.extend(self._free.popleft() for _ in range(needed))
+
+    def slot_mapping(self, seq: Sequence, num_new_slots: int) -> list[int]:
+        """Flat slot indices of the next `num_new_slots` slots of `seq`."""
+        table, size = seq.block_table, self.block_size
+        return [
+            table[s // size] * size + s % size
+            for s in range(seq.kv_len, seq.kv_len + num_new_slots)
+        ]
+
+    def free(self, seq: Sequence) -> None:
+        """Return all of `seq`'s blocks to the pool."""
+        self._free.extend(seq.block_table)
+        seq.block_table = []
+
+    def release_tail(self, seq: Sequence) -> None:
+        """Return blocks beyond what `seq.kv_len` slots need (after compaction)."""
+        keep = self.blocks_for(seq.kv_len)
+        self._free.extend(seq.block_table[keep:])
+        del seq.block_table[keep:]
+
+    def swap_out(self, seq: Sequence) -> None:
+        """Preemption: copy `seq`'s blocks to host memory and free them (exact resume)."""
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
+        seq.swapped_kv = self.storage[:, :, table].to("cpu", copy=True)
+        self.free(seq)
+
+    def can_swap_in(self, seq: Sequence, num_new_slots: int, reserve: int = 0) -> bool:
+        """True when `seq`'s swapped blocks plus room for new slots fit in the pool."""
+        return self.blocks_for(seq.kv_len + num_new_slots) + reserve <= self.num_free_blocks
+
+    def swap_in(self, seq: Sequence) -> None:
+        """Bring a swapped sequence's blocks back into (new) blocks of the pool."""
+        assert seq.swapped_kv is not None and not seq.block_table
+        count = seq.swapped_kv.shape[2]
+        seq.block_table = [self._free.popleft() for _ in range(count)]
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
+        self.storage[:, :, table] = seq.swapped_kv.to(self.storage.device)
+        seq.swapped_kv = None
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on `device` (RAM available to this process on CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,241 @@
+"""The engine loop: accept requests, step the batch, return increments.
+
+`add_request` validates everything before touching engine state, so a bad request raises
+`ValueError` and the engine goes on serving the others. `step` runs one scheduled batch and
+returns a `RequestOutput` for every request that made progress.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from thinfer.config import EngineConfig, ModelConfig
+from thinfer.engine.kv_cache import KVCache
+from thinfer.engine.runner import ModelRunner
+from thinfer.engine.sampler import SamplingRow, sample
+from thinfer.engine.scheduler import Scheduler
+from thinfer.engine.sequence import Sequence
+from thinfer.engine.stopping import append_text, check_stop, start_detokenizer
+from thinfer.loading.tokenizer import Tokenizer
+from thinfer.models.llama import LlamaForCausalLM
+from thinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from thinfer.sampling_params import SamplingParams
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    emitted: list[tuple[int, int]] = field(default_factory=list)  # (chars, tokens) per seq
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model and one paged KV cache."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig,
+        kv_cache: KVCache,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.config = config
+        self.kv_cache = kv_cache
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(config, kv_cache)
+        self.runner = ModelRunner(model, kv_cache, device)
+        eos = set(self.model_config.eos_token_ids)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_token_ids = eos
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.num_prompt_tokens_total = 0
+        self.num_generated_tokens_total = 0
+
+    # ----- requests -------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Validate a prompt (text or token ids) and return (text, token ids)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is not an integer in [0, {vocab})")
+        return None, ids
+
+    def validate(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raise ValueError if this request can never run to completion."""
+        if prompt_len >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {prompt_len} tokens, but the model's context is "
+                f"{self.max_model_len} tokens"
+            )
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        capacity = self.kv_cache.capacity_tokens
+        if prompt_len + params.max_tokens > capacity:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) can never fit "
+                f"in the KV cache of {capacity} tokens"
+            )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError (engine unchanged) on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate(len(ids), params)
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        now = time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if not params.greedy:
+                seed = params.seed + index if params.seed is not None else self._next_seed()
+                generator = torch.Generator().manual_seed(seed)
+            seq = Sequence(next(self._seq_ids), request_id, index, ids, params, generator, now)
+            start_detokenizer(seq)
+            seqs.append(seq)
+        request = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
+        request.emitted = [(0, 0)] * len(seqs)
+        self._requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens_total += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (unknown ids are ignored)."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Requests not yet finished."""
+        return len(self._requests)
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+
+    # ----- stepping ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns an output for every request that made progress."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.execute(batch)
+        sampling = [item.seq for item in batch if item.samples]
+        rows = [self._sampling_row(seq) for seq in sampling]
+        sampled = sample(logits, rows)
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for seq, token in zip(sampling, sampled, strict=True):
+            self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
+            touched[seq.request_id] = self._requests[seq.request_id]
+        return [self._make_output(request, now) for request in touched.values()]
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.params
+        seen = seq.all_token_ids if params.repetition_penalty != 1.0 else []
+        banned: list[int] = []
+        if len(seq.output_token_ids) < params.min_tokens:
+            banned = sorted(self.eos_token_ids | set(params.stop_token_ids))
+        return SamplingRow(params, seq.generator, seen, banned)
+
+    def _append_token(
+        self,
+        seq: Sequence,
+        token: int,
+        logprob: float | None,
+        top_logprobs: dict[int, float] | None,
+        now: float,
+    ) -> None:
+        seq.output_token_ids.append(token)
+        self.num_generated_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if top_logprobs is not None and logprob is not None:
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(top_logprobs)
+            seq.cumulative_logprob += logprob
+        new_text = append_text(seq, self.tokenizer) if self.tokenizer is not None else ""
+        check_stop(seq, new_text, self.eos_token_ids, self.max_model_len)
+        if seq.finish_reason is not None:
+            seq.finished_time = now
+            self.scheduler.finish(seq)
+
+    def _make_output(self, request: _Request, now: float) -> RequestOutput:
+        outputs = []
+        for i, seq in enumerate(request.seqs):
+            done = seq.finish_reason is not None
+            holdback = 0 if done or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+            visible = seq.text[: max(0, len(seq.text) - holdback)] if holdback else seq.text
+            chars, tokens = request.emitted[i]
+            request.emitted[i] = (max(chars, len(visible)), len(seq.output_token_ids))
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=visible,
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    delta_text=visible[chars:],
+                    delta_token_ids=seq.output_token_ids[tokens:],
+                )
+            )
+        finished = all(seq.finish_reason is not None for seq in request.seqs)
+        metrics = request.metrics
+        firsts = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
+        metrics.first_token_time = min(firsts) if firsts else None
+        metrics.num_generated_tokens = max(len(s.output_token_ids) for s in request.seqs)
+        if finished:
+            metrics.finished_time = now
+            self._requests.pop(request.request_id, None)
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, metrics
+        )

@@ -1,0 +1,78 @@
+"""Turns a scheduled batch into flat tensors, runs the model, returns the rows to sample."""
+
+from __future__ import annotations
+
+import torch
+
+from thinfer.attention.metadata import AttentionMetadata
+from thinfer.engine.kv_cache import KVCache
+from thinfer.engine.scheduler import ScheduledSequence
+from thinfer.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    """Owns the model and the cache tensors; one `execute` call per engine step."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.layer_caches = kv_cache.layer_caches()
+
+    def prepare(
+        self, batch: list[ScheduledSequence]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, positions, attention metadata, and the row of each sampled token."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_starts: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        for item in batch:
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed_tokens
+            query_starts.append(len(input_ids))
+            query_lens.append(n)
+            input_ids.extend(seq.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self.kv_cache.slot_mapping(seq, n))
+            context_lens.append(seq.kv_len + n)
+            if item.samples:
+                sample_rows.append(len(input_ids) - 1)
+        num_decodes = 0
+        while num_decodes < len(batch) and query_lens[num_decodes] == 1 and batch[num_decodes].samples:
+            num_decodes += 1
+        max_blocks = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
+            context_lens_list=context_lens,
+            query_lens_list=query_lens,
+            query_starts_list=query_starts,
+            num_decodes=num_decodes,
+            block_size=self.kv_cache.block_size,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSequence]) -> torch.Tensor:
+        """Run one step; returns logits [num_sampling_seqs, vocab] in batch order.
+
+        Advances every scheduled sequence's `num_computed_tokens` and `kv_len`.
+        """
+        ids, pos, meta, sample_rows = self.prepare(batch)
+        hidden = self.model(ids, pos, self.layer_caches, meta)
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+            item.seq.kv_len += item.num_tokens
+        if not sample_rows:
+            return hidden.new_empty((0, self.model.config.vocab_size))
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))

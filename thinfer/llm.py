@@ -1,0 +1,179 @@
+"""`LLM`: the public face, with vLLM's names (`generate`, `chat`) plus a streaming form."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
+from thinfer.engine.kv_cache import KVCache, available_memory_bytes
+from thinfer.engine.llm_engine import LLMEngine
+from thinfer.loading import load_checkpoint
+from thinfer.models import build_model
+from thinfer.outputs import RequestOutput
+from thinfer.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model and generate with continuous batching.
+
+    `model` is a HF directory, a GGUF file, or (with `load_format="dummy"`) a preset name such
+    as "llama-2-7b"; None means the embedded SmolLM2-135M-Instruct GGUF. KV capacity is
+    `num_kv_blocks` blocks when given, else `kv_cache_memory_fraction` of the free memory.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str | None = None,
+        load_format: str = "auto",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory_fraction: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory_fraction=kv_cache_memory_fraction,
+            max_model_len=max_model_len,
+            seed=seed,
+        )
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = resolve_dtype(dtype, dev)
+        checkpoint = load_checkpoint(model, load_format)
+        model_cfg = checkpoint.config
+        context = model_cfg.max_position_embeddings
+        if max_model_len is not None and max_model_len > context:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {context}")
+        self.max_model_len = max_model_len or context
+        net = build_model(model_cfg, torch_dtype, dev)
+        if checkpoint.tensors is None:
+            net.init_dummy_weights(seed)
+        else:
+            net.load_weights(checkpoint.tensors())
+        net.eval()
+        num_blocks = num_kv_blocks or self._auto_num_blocks(config, model_cfg, torch_dtype, dev)
+        kv_cache = KVCache(model_cfg, num_blocks, block_size, torch_dtype, dev)
+        self.tokenizer = checkpoint.tokenizer
+        self.model_config = model_cfg
+        self.source = checkpoint.source
+        self._ids = itertools.count()
+        self.engine = LLMEngine(net, self.tokenizer, config, kv_cache, self.max_model_len, dev)
+
+    def _auto_num_blocks(
+        self, config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, dev: torch.device
+    ) -> int:
+        bytes_per_block = (
+            model_cfg.kv_bytes_per_token * config.block_size * torch.empty((), dtype=dtype).element_size()
+        )
+        budget = int(available_memory_bytes(dev) * config.kv_cache_memory_fraction)
+        by_memory = budget // bytes_per_block
+        by_need = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        num_blocks = min(by_memory, by_need)
+        if num_blocks < 1:
+            raise ValueError("not enough free memory for even one KV block")
+        return int(num_blocks)
+
+    # ----- batch generation -------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order."""
+        ids = self._add_all(prompts, sampling_params)
+        finals: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
+        try:
+            while len(finals) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [finals[request_id] for request_id in ids]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield increments as they are produced (`outputs[i].delta_text` is what is new).
+
+        Closing the iterator early aborts the requests still running.
+        """
+        ids = self._add_all(prompts, sampling_params)
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield out
+        finally:
+            for request_id in pending:
+                self.engine.abort_request(request_id)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (or a list of them) and generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        if not messages:
+            raise ValueError("messages is empty")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(list(conv)) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _add_all(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[str]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} SamplingParams for {len(prompts)} prompts"
+                )
+        ids: list[str] = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                ids.append(self.engine.add_request(prompt, params, f"llm-{next(self._ids)}"))
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return ids

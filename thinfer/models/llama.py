@@ -1,0 +1,219 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat token batch.
+
+Projections are fused (q/k/v into one matrix, gate/up into another) so each layer runs three
+large matmuls; `load_weights` maps HF tensor names onto the fused parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thinfer.attention.metadata import AttentionMetadata
+from thinfer.attention.torch_paged import paged_attention, store_kv
+from thinfer.config import ModelConfig
+from thinfer.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as HF does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize the last dimension of x."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _linear(rows: int, cols: int, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(cols, rows, bias=bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+class Attention(nn.Module):
+    """Self-attention with GQA; keys are rotated before they are cached."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = _linear(self.q_size + 2 * self.kv_size, cfg.hidden_size, cfg.attention_bias)
+        self.o_proj = _linear(cfg.hidden_size, self.q_size)
+        self.rope = rope
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden], writing this step's keys/values into the cache."""
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rope(positions, q, k)
+        store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = _linear(2 * cfg.intermediate_size, cfg.hidden_size)
+        self.down_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_index, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """One block: attention then MLP, each with a residual connection."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder over flat token batches; `forward` returns final hidden states."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = cfg
+        rope = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling,
+            dtype, device,
+        )
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rope) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.vocab_size, cfg.hidden_size)
+        self.to(dtype=dtype, device=device)
+        rope.to(device=device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Flat input_ids/positions [T] -> normed hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, hidden] -> logits [N, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights (std 0.02, unit norms) for benchmarks without a checkpoint."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            else:
+                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+                param.data.copy_(values.to(param.dtype))
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into (fused) parameters; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in tensors:
+            name, rows = self._map_name(hf_name)
+            if name is None:
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
+            param = params[name]
+            target = param.data if rows is None else param.data[rows[0] : rows[1]]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor.to(param.dtype))
+            loaded.add(hf_name)
+        expected = set(self.expected_tensor_names())
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+    def expected_tensor_names(self) -> list[str]:
+        """HF tensor names this model needs."""
+        cfg = self.config
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+            if cfg.attention_bias:
+                names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        return names
+
+    def _map_name(self, hf_name: str) -> tuple[str | None, tuple[int, int] | None]:
+        """HF name -> (parameter name, row range inside a fused parameter)."""
+        if "rotary_emb" in hf_name:
+            return None, None
+        if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None, None
+        name = hf_name.removeprefix("model.")
+        cfg = self.config
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        fused = {
+            "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
+            "self_attn.k_proj": ("self_attn.qkv_proj", (q, q + kv)),
+            "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, q + 2 * kv)),
+            "mlp.gate_proj": ("mlp.gate_up_proj", (0, cfg.intermediate_size)),
+            "mlp.up_proj": ("mlp.gate_up_proj", (cfg.intermediate_size, 2 * cfg.intermediate_size)),
+        }
+        for part, (target, rows) in fused.items():
+            if f".{part}." in name:
+                return name.replace(part, target), rows
+        return name, None

@@ -1,0 +1,27 @@
+"""Maps a checkpoint's architecture to the module that implements it.
+
+Adding a family means one new file and one entry here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from thinfer.config import ModelConfig
+from thinfer.models.llama import LlamaForCausalLM
+
+_FAMILIES: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Instantiate the decoder for `cfg` (weights uninitialized)."""
+    arch = cfg.architecture.lower()
+    for family, cls in _FAMILIES.items():
+        if arch.startswith(family):
+            return cls(cfg, dtype, device)
+    raise ValueError(f"architecture {cfg.architecture!r} is not supported: {', '.join(_FAMILIES)}")
