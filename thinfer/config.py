@@ -165,11 +165,12 @@ class EngineConfig:
         if self.num_kv_blocks is not None and (
             not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks <= 0
         ):
-            raise ValueError(f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}")
+            raise ValueError(
+                f"num_kv_blocks must be a positive integer, got {self.num_kv_blocks!r}"
+            )
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(
-                "kv_cache_memory_fraction must be in (0, 1], got "
-                f"{self.kv_cache_memory_fraction!r}"
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}"
             )
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len!r}")

@@ -77,7 +77,9 @@ class LLM:
         self, config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, dev: torch.device
     ) -> int:
         bytes_per_block = (
-            model_cfg.kv_bytes_per_token * config.block_size * torch.empty((), dtype=dtype).element_size()
+            model_cfg.kv_bytes_per_token
+            * config.block_size
+            * torch.empty((), dtype=dtype).element_size()
         )
         budget = int(available_memory_bytes(dev) * config.kv_cache_memory_fraction)
         by_memory = budget // bytes_per_block

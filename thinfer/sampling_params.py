@@ -38,28 +38,56 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature",
-               self.temperature, ">= 0")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
-               "in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k,
-               "an integer >= -1 (-1 or 0 disables it)")
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p,
-               "in [0, 1]")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", self.repetition_penalty, "> 0")
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
-               self.max_tokens, "an integer >= 1")
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-               "min_tokens", self.min_tokens, "an integer in [0, max_tokens]")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed,
-               "an integer or None")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
-               "logprobs", self.logprobs, "None or an integer >= 0")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids", self.stop_token_ids, "non-negative integers")
+        _check(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            self.temperature,
+            ">= 0",
+        )
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= -1,
+            "top_k",
+            self.top_k,
+            "an integer >= -1 (-1 or 0 disables it)",
+        )
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        _check(
+            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "> 0",
+        )
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "max_tokens",
+            self.max_tokens,
+            "an integer >= 1",
+        )
+        _check(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            self.min_tokens,
+            "an integer in [0, max_tokens]",
+        )
+        _check(
+            self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer or None"
+        )
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+            "logprobs",
+            self.logprobs,
+            "None or an integer >= 0",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings"
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            self.stop_token_ids,
+            "non-negative integers",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -26,9 +26,7 @@ def store_kv(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, length: int
-) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` slots of one sequence: [length, Hkv, D]."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size

@@ -83,7 +83,9 @@ class KVCache:
         """Grow `seq`'s block table to hold `num_new_slots` more slots."""
         needed = self.num_new_blocks(seq, num_new_slots)
         if needed > self.num_free_blocks:
-            raise RuntimeError(f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}")
+            raise RuntimeError(
+                f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}"
+            )
         seq.block_table.extend(self._free.popleft() for _ in range(needed))
 
     def slot_mapping(self, seq: Sequence, num_new_slots: int) -> list[int]:

@@ -80,7 +80,9 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        bad = [
+            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
+        ]
         if bad:
             raise ValueError(f"prompt token id {bad[0]!r} is not an integer in [0, {vocab})")
         return None, ids

@@ -42,10 +42,14 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
         num_decodes = 0
-        while num_decodes < len(batch) and query_lens[num_decodes] == 1 and batch[num_decodes].samples:
+        while (
+            num_decodes < len(batch) and query_lens[num_decodes] == 1 and batch[num_decodes].samples
+        ):
             num_decodes += 1
         max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        tables = [
+            item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch
+        ]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),

@@ -62,17 +62,18 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         return []
     x = logits.to(torch.float32, copy=True)
     lp_idx = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    raw_logprobs = torch.log_softmax(x[lp_idx], dim=-1) if lp_idx else None
+    raw_logprobs = torch.log_softmax(_rows(x, lp_idx), dim=-1) if lp_idx else None
 
     greedy_idx, sample_idx = _process(x, rows)
     tokens = torch.empty(len(rows), dtype=torch.long, device=x.device)
     bad = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
     if greedy_idx:
-        xg = x[greedy_idx]
-        tokens[greedy_idx] = xg.argmax(dim=-1)  # ties -> lowest index
-        bad[greedy_idx] = ~torch.isfinite(xg.max(dim=-1).values)
+        xg = _rows(x, greedy_idx)
+        best = xg.argmax(dim=-1, keepdim=True)  # ties -> lowest index
+        tokens[greedy_idx] = best.squeeze(1)
+        bad[greedy_idx] = ~torch.isfinite(xg.gather(1, best).squeeze(1))
     if sample_idx:
-        drawn, ok = _draw(x[sample_idx], [rows[i].generator for i in sample_idx])
+        drawn, ok = _draw(_rows(x, sample_idx), [rows[i].generator for i in sample_idx])
         tokens[sample_idx] = drawn
         bad[sample_idx] = ~ok
     token_list = tokens.tolist()
@@ -121,8 +122,11 @@ def _process(x: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[
     _mask_ids(x, [row.banned_token_ids for row in rows], None)
     penalties = [row.params.repetition_penalty for row in rows]
     if any(p != 1.0 for p in penalties):
-        _mask_ids(x, [row.seen_token_ids if p != 1.0 else [] for row, p in zip(rows, penalties)],
-                  penalties)
+        _mask_ids(
+            x,
+            [row.seen_token_ids if p != 1.0 else [] for row, p in zip(rows, penalties)],
+            penalties,
+        )
 
     greedy_idx = [i for i, row in enumerate(rows) if row.params.greedy]
     sample_idx = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -145,8 +149,9 @@ def _process(x: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[
     top_p = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if top_p:
         all_k = set(top_p) <= set(top_k)
-        _apply(xs, top_p, [params[i].top_p for i in top_p],
-               lambda t, v: _top_p(t, v, truncate=all_k))
+        _apply(
+            xs, top_p, [params[i].top_p for i in top_p], lambda t, v: _top_p(t, v, truncate=all_k)
+        )
     min_p = [i for i, p in enumerate(params) if p.min_p > 0.0]
     if min_p:
         _apply(xs, min_p, [math.log(params[i].min_p) for i in min_p], _min_p)
@@ -154,6 +159,11 @@ def _process(x: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[
     if not whole:
         x[sample_idx] = xs
     return greedy_idx, sample_idx
+
+
+def _rows(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Rows `idx` of `x`: `x` itself (no copy) when `idx` is every row."""
+    return x if len(idx) == x.shape[0] else x[idx]
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -177,8 +187,12 @@ def _mask_ids(x: torch.Tensor, ids: list[list[int]], penalties: list[float] | No
     x[row_idx, col_idx] = torch.where(vals > 0, vals / pen, vals * pen)
 
 
-def _apply(xs: torch.Tensor, idx: list[int], values: list[Any],
-           fn: Callable[[torch.Tensor, list[Any]], None]) -> None:
+def _apply(
+    xs: torch.Tensor,
+    idx: list[int],
+    values: list[Any],
+    fn: Callable[[torch.Tensor, list[Any]], None],
+) -> None:
     """Run the in-place filter `fn(sub, per_row_values)` on rows `idx` of `xs`."""
     if len(idx) == xs.shape[0]:
         fn(xs, values)
@@ -215,12 +229,13 @@ def _min_p(xs: torch.Tensor, log_min_p: list[float]) -> None:
 
 
 # ----- drawing and log-probs ----------------------------------------------------------------
-def _draw(xs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[torch.Tensor,
-                                                                                torch.Tensor]:
-    """Inverse-CDF draw per row; returns (token ids, row-has-a-token flags)."""
+def _draw(
+    xs: torch.Tensor, generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw per row, overwriting `xs`; returns (token ids, row-has-a-token flags)."""
     top = xs.max(dim=-1, keepdim=True).values
     ok = torch.isfinite(top.squeeze(1))
-    cdf = torch.cumsum(torch.exp(xs - torch.where(torch.isfinite(top), top, 0.0)), dim=-1)
+    cdf = xs.sub_(torch.where(torch.isfinite(top), top, 0.0)).exp_().cumsum_(dim=-1)
     uniforms = []
     for g in generators:
         assert g is not None
@@ -233,8 +248,13 @@ def _draw(xs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[t
     return tokens.clamp_(max=xs.shape[1] - 1), ok & (cdf[:, -1] > 0)
 
 
-def _fill_logprobs(out: list[SampledToken], raw_logprobs: torch.Tensor, lp_idx: list[int],
-                   rows: list[SamplingRow], tokens: torch.Tensor) -> None:
+def _fill_logprobs(
+    out: list[SampledToken],
+    raw_logprobs: torch.Tensor,
+    lp_idx: list[int],
+    rows: list[SamplingRow],
+    tokens: torch.Tensor,
+) -> None:
     chosen = raw_logprobs.gather(1, tokens[lp_idx].unsqueeze(1)).squeeze(1).tolist()
     ks = [rows[i].params.logprobs or 0 for i in lp_idx]
     kmax = min(max(ks), raw_logprobs.shape[1])

@@ -34,9 +34,7 @@ def append_text(seq: Sequence, tokenizer: Tokenizer) -> str:
     return new_text
 
 
-def check_stop(
-    seq: Sequence, new_text: str, eos_token_ids: set[int], max_model_len: int
-) -> None:
+def check_stop(seq: Sequence, new_text: str, eos_token_ids: set[int], max_model_len: int) -> None:
     """Set `finish_reason` ("stop" or "length") if the newest token ends the sequence.
 
     A matched stop string is cut from the text, together with anything after it.

@@ -75,9 +75,11 @@ def load_checkpoint(model: str | None, load_format: str = "auto") -> Checkpoint:
     if load_format == "dummy" and model in PRESETS:
         return Checkpoint(preset_config(model), None, None, model)
     if not os.path.exists(path):
+        if load_format == "dummy":
+            raise ValueError(
+                f"unknown model preset {model!r} (and no such path); presets: {', '.join(PRESETS)}"
+            )
         hint = "; it is a preset: pass load_format='dummy'" if model in PRESETS else ""
-        if load_format == "dummy" and not hint:
-            hint = f"; presets: {', '.join(PRESETS)}"
         raise ValueError(f"model path does not exist: {path}{hint}")
     kind = _file_kind(path) if load_format in ("auto", "dummy") else load_format
     if kind == "gguf":

@@ -45,17 +45,20 @@ def gguf_model_config(
             return default
         return fields[full]
 
-    n_head = int(get("attention.head_count", required=True))
-    hidden = int(get("embedding_length", required=True))
     vocab = get("vocab_size") or fields.get("tokenizer.ggml.tokens")
     if vocab is None:
         raise ValueError(f"{path}: GGUF metadata gives no vocab size ({arch}.vocab_size or tokens)")
-    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_head
-    theta = float(get("rope.freq_base", 10000.0))
-    eos = [fields[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-           if k in fields]
-    rope_scaling = _rope_scaling(path, get, rope_freqs, int(head_dim), theta)
+    eos = [
+        fields[k]
+        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+        if k in fields
+    ]
     try:
+        n_head = int(get("attention.head_count", required=True))
+        hidden = int(get("embedding_length", required=True))
+        head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // n_head
+        theta = float(get("rope.freq_base", 10000.0))
+        rope_scaling = _rope_scaling(path, get, rope_freqs, int(head_dim), theta)
         return ModelConfig(
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -74,8 +77,9 @@ def gguf_model_config(
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(e) for e in dict.fromkeys(eos)],
         )
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
 
 
 def _rope_scaling(

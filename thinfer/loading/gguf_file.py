@@ -77,12 +77,17 @@ class GGUFFile:
         self.metadata = _metadata(self._reader)
         names = {t.name for t in self._reader.tensors}
         rope_freqs = next(
-            (np.array(t.data, dtype=np.float32) for t in self._reader.tensors
-             if t.name == "rope_freqs.weight"),
+            (
+                np.array(t.data, dtype=np.float32)
+                for t in self._reader.tensors
+                if t.name == "rope_freqs.weight"
+            ),
             None,
         )
         self.config: ModelConfig = gguf_model_config(path, self.metadata, names, rope_freqs)
         self._permuted = self.metadata["general.architecture"] == "llama"
+        # Map every name now, so an unexpected tensor fails at load time, not mid-iteration.
+        self._hf_names = {n: hf_tensor_name(path, n) for n in names if n not in _SKIPPED}
 
     @property
     def has_tokenizer(self) -> bool:
@@ -91,12 +96,14 @@ class GGUFFile:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(hf_name, float32 tensor)` for every weight, dequantizing one at a time."""
-        heads = {".attn_q.": self.config.num_attention_heads,
-                 ".attn_k.": self.config.num_key_value_heads}
+        heads = {
+            ".attn_q.": self.config.num_attention_heads,
+            ".attn_k.": self.config.num_key_value_heads,
+        }
         for t in self._reader.tensors:
             if t.name in _SKIPPED:
                 continue
-            name = hf_tensor_name(self.path, t.name)
+            name = self._hf_names[t.name]
             shape = tuple(reversed([int(d) for d in t.shape]))
             try:
                 array = dequantize(t.data, t.tensor_type).reshape(shape)
@@ -148,13 +155,19 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Key -> value of every metadata field; array fields are given as their length only."""
+    """Key -> value of every metadata field; array fields are given as their length only.
+
+    float32 values are given as the shortest decimal that rounds to them (1e-05, not
+    9.999999747378752e-06): the value the converter was given, as a HF config.json holds it.
+    """
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if not field.types:
             continue
         if field.types[0] == GGUFValueType.ARRAY:
             out[key] = len(field.data)
+        elif field.types[0] == GGUFValueType.FLOAT32:
+            out[key] = float(str(np.float32(field.contents())))
         else:
             out[key] = field.contents()
     return out

@@ -72,8 +72,13 @@ class Tokenizer:
 
     @property
     def all_special_ids(self) -> list[int]:
-        """Ids of the special tokens (bos, eos, pad, control tokens, ...)."""
-        return list(self._tok.all_special_ids)
+        """Ids of the special tokens (bos, eos, pad, and control tokens such as <|im_start|>).
+
+        transformers' own `all_special_ids` leaves out the control tokens a GGUF vocabulary
+        marks special (SmolLM2: 3 of 17), so the special added tokens are merged in.
+        """
+        added = [i for i, t in self._tok.added_tokens_decoder.items() if t.special]
+        return sorted(set(self._tok.all_special_ids) | set(added))
 
     @property
     def chat_template(self) -> str | None:

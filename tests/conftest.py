@@ -1,0 +1,65 @@
+"""Shared fixtures: the real default model (SmolLM2-135M GGUF, fp32 CPU) loaded once."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import pytest
+import torch
+
+from thinfer import LLM
+from thinfer.config import EngineConfig
+from thinfer.engine.kv_cache import KVCache
+from thinfer.engine.llm_engine import LLMEngine
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def llm() -> LLM:
+    """The default model with a roomy cache."""
+    return LLM(dtype="float32", device="cpu", num_kv_blocks=2048)
+
+
+def with_engine(llm: LLM, num_kv_blocks: int = 2048, **config: object) -> LLM:
+    """A copy of `llm` sharing its weights but with a fresh engine and KV cache."""
+    engine_config = EngineConfig(num_kv_blocks=num_kv_blocks, **config)  # type: ignore[arg-type]
+    model = llm.engine.model
+    param = next(model.parameters())
+    kv_cache = KVCache(
+        llm.model_config, num_kv_blocks, engine_config.block_size, param.dtype, param.device
+    )
+    clone = copy.copy(llm)
+    clone.engine = LLMEngine(
+        model, llm.tokenizer, engine_config, kv_cache, llm.max_model_len, param.device
+    )
+    clone._ids = itertools.count()
+    return clone
+
+
+@pytest.fixture(scope="session")
+def english_prompts() -> list[str]:
+    """Real English prompts of clearly different lengths."""
+    return [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+        "Photosynthesis is the process by which green plants",
+        "Write a short poem about the autumn wind.",
+        "Q: What is the boiling point of water at sea level in Celsius?\nA:",
+        (
+            "The history of the printing press begins in the fifteenth century, when Johannes "
+            "Gutenberg combined movable metal type, oil-based ink and a wooden press adapted from "
+            "those used for wine. Within fifty years printing had spread to more than two hundred "
+            "cities across Europe, and the price of books fell sharply. Scholars argue that"
+        ),
+        'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+        "Rain",
+        (
+            "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+            "the slings and arrows of outrageous fortune, or to take arms against a sea of "
+            "troubles and by opposing end them. To die, to sleep, no more; and by a sleep to say "
+            "we end the heart-ache and the thousand natural shocks that flesh is heir to. In this"
+        ),
+    ]
