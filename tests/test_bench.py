@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from thinfer.bench.prompts import bench_prompts
 from thinfer.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # The runs use --threads 1 (robust on a busy machine); give the next tests torch's setting.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _only(tmp_path, prefix):

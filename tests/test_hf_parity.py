@@ -24,6 +24,7 @@ def hf_model() -> torch.nn.Module:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     )
+    model.generation_config.eos_token_id = None  # run to max_new_tokens, EOS not masked
     return model.eval()
 
 
@@ -33,7 +34,6 @@ def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) ->
             torch.tensor([prompt_ids]),
             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
         )

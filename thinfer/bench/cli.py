@@ -19,15 +19,31 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="compare with HF transformers on the same checkpoint (default), or not",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; recorded in the JSON)",
+    )
+    parser.add_argument(
         "--output-dir",
         default=str(DEFAULT_OUTPUT_DIR),
         help="where the JSON and PNG go (default: bench/results)",
     )
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _throughput(args: argparse.Namespace) -> int:
     from thinfer.bench.throughput import run_throughput
 
+    _set_threads(args)
     run_throughput(args)
     return 0
 
@@ -35,6 +51,7 @@ def _throughput(args: argparse.Namespace) -> int:
 def _latency(args: argparse.Namespace) -> int:
     from thinfer.bench.latency import run_latency
 
+    _set_threads(args)
     run_latency(args)
     return 0
 

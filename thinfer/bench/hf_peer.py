@@ -97,47 +97,58 @@ def hf_generate_tokens(
 ) -> tuple[float, list[list[int]]]:
     """Greedy-generate exactly `max_new_tokens` per prompt in left-padded batches.
 
-    Returns (wall seconds for all batches, generated ids per prompt in prompt order).
+    EOS is ignored the way thinfer's `ignore_eos` ignores it: an EOS the argmax picks is kept
+    and decoding goes on (no `eos_token_id` while generating). `min_new_tokens` would instead
+    mask EOS out of the argmax and so change the tokens. Returns (wall seconds for all
+    batches, generated ids per prompt in prompt order).
     """
     from transformers import GenerationConfig
 
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    cfg = model.config
-    eos = cfg.eos_token_id
-    pad = cfg.pad_token_id
+    defaults = model.generation_config
+    saved_eos = defaults.eos_token_id
+    eos = defaults.eos_token_id if defaults.eos_token_id is not None else model.config.eos_token_id
+    pad = defaults.pad_token_id if defaults.pad_token_id is not None else model.config.pad_token_id
     if pad is None:
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
         pad_token_id=pad,
-        eos_token_id=eos,
-        bos_token_id=cfg.bos_token_id,
+        eos_token_id=None,
+        bos_token_id=model.config.bos_token_id,
     )
     device = model.device
     results: list[list[int]] = []
-    _sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for first in range(0, len(prompt_token_ids), batch_size):
-            batch = prompt_token_ids[first : first + batch_size]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, ids in enumerate(batch):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                mask[row, width - len(ids) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen_cfg,
-            )
-            results.extend(out[:, width:].tolist())
-    _sync(device)
-    return time.perf_counter() - start, results
+    # generate() fills unset fields from the model's defaults: hide its EOS meanwhile.
+    defaults.eos_token_id = None
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for first in range(0, len(prompt_token_ids), batch_size):
+                batch = prompt_token_ids[first : first + batch_size]
+                width = max(len(ids) for ids in batch)
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, ids in enumerate(batch):
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                    mask[row, width - len(ids) :] = 1
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=gen_cfg,
+                )
+                results.extend(out[:, width:].tolist())
+        _sync(device)
+        seconds = time.perf_counter() - start
+    finally:
+        defaults.eos_token_id = saved_eos
+    if any(len(ids) != max_new_tokens for ids in results):
+        raise RuntimeError("HF generate stopped before max_new_tokens")
+    return seconds, results
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:

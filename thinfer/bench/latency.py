@@ -192,12 +192,13 @@ def _plot(data: dict[str, Any]) -> Figure:
         ax.set_title(title + suffix, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         if panel == 0:
-            ax.legend(fontsize=8, loc="upper left")
+            handles, labels = ax.get_legend_handles_labels()
     model = data["model"].rstrip("/").split("/")[-1]
     fig.suptitle(
         f"Latency: {model} on {data['device']}, {data['num_prompts']} prompts x "
         f"{data['max_tokens']} tokens",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig

@@ -156,7 +156,7 @@ def _plot(data: dict[str, Any]) -> Figure:
             )
     ax.set_ylim(0, max(tops) * 1.18)
     ax.set_xticks(xs, [str(run["batch_size"]) for run in runs])
-    ax.set_xlabel("batch size (max concurrent sequences)")
+    ax.set_xlabel("batch size (max concurrent sequences); label: thinfer / HF")
     ax.set_ylabel("generated tokens / s")
     model = data["model"].rstrip("/").split("/")[-1]
     ax.set_title(
