@@ -57,6 +57,10 @@ def english_prompts() -> list[str]:
         'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
         "Rain",
         (
+            "Dear diary, today I finally climbed the hill behind our house. From the top I could "
+            "see the whole valley, the river, the old mill and"
+        ),
+        (
             "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
             "the slings and arrows of outrageous fortune, or to take arms against a sea of "
             "troubles and by opposing end them. To die, to sleep, no more; and by a sleep to say "

@@ -51,6 +51,8 @@ def test_bench_throughput(tmp_path):
         "4",
         "--batch-sizes",
         "1,2",
+        "--threads",
+        "1",
         "--output-dir",
         str(tmp_path),
     ]
@@ -73,6 +75,8 @@ def test_bench_latency(tmp_path):
         "2",
         "--max-tokens",
         "3",
+        "--threads",
+        "1",
         "--output-dir",
         str(tmp_path),
     ]

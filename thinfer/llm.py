@@ -13,6 +13,7 @@ from thinfer.engine.kv_cache import KVCache, available_memory_bytes
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.loading import load_checkpoint
 from thinfer.models import build_model
+from thinfer.models.linear import pack_linears
 from thinfer.outputs import RequestOutput
 from thinfer.sampling_params import SamplingParams
 
@@ -65,6 +66,7 @@ class LLM:
         else:
             net.load_weights(checkpoint.tensors())
         net.eval()
+        pack_linears(net)
         num_blocks = num_kv_blocks or self._auto_num_blocks(config, model_cfg, torch_dtype, dev)
         kv_cache = KVCache(model_cfg, num_blocks, block_size, torch_dtype, dev)
         self.tokenizer = checkpoint.tokenizer

@@ -42,6 +42,11 @@ class KVCache:
             device=device,
         )
         self._free: deque[int] = deque(range(num_blocks))
+        # Storage is allocated uninitialized (cheap for large pools); blocks are zeroed the
+        # first time they are handed out, so masked-out slots never hold NaN garbage that
+        # would leak through attention (0 * NaN = NaN). Block 0 also pads block tables.
+        self._zeroed_upto = 0
+        self._zero_through(0)
 
     @property
     def capacity_tokens(self) -> int:
@@ -86,7 +91,18 @@ class KVCache:
             raise RuntimeError(
                 f"KV cache out of blocks: need {needed}, have {self.num_free_blocks}"
             )
-        seq.block_table.extend(self._free.popleft() for _ in range(needed))
+        new_blocks = [self._free.popleft() for _ in range(needed)]
+        if new_blocks:
+            self._zero_through(max(new_blocks))
+        seq.block_table.extend(new_blocks)
+
+    def _zero_through(self, block: int) -> None:
+        """Zero never-used blocks up to and including `block` (in chunks, amortized)."""
+        if block < self._zeroed_upto:
+            return
+        end = min(self.num_blocks, max(block + 1, self._zeroed_upto + 64))
+        self.storage[:, :, self._zeroed_upto : end].zero_()
+        self._zeroed_upto = end
 
     def slot_mapping(self, seq: Sequence, num_new_slots: int) -> list[int]:
         """Flat slot indices of the next `num_new_slots` slots of `seq`."""
@@ -122,6 +138,7 @@ class KVCache:
         assert seq.swapped_kv is not None and not seq.block_table
         count = seq.swapped_kv.shape[2]
         seq.block_table = [self._free.popleft() for _ in range(count)]
+        self._zero_through(max(seq.block_table))
         table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
         self.storage[:, :, table] = seq.swapped_kv.to(self.storage.device)
         seq.swapped_kv = None

@@ -15,7 +15,10 @@ from torch import nn
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.attention.torch_paged import paged_attention, store_kv
 from thinfer.config import ModelConfig
-from thinfer.models.rope import RotaryEmbedding
+from thinfer.models.linear import Linear, unpack_linears
+from thinfer.models.rope import RotaryEmbedding, apply_rope
+
+Angles = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -33,16 +36,10 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def _linear(rows: int, cols: int, bias: bool = False) -> nn.Linear:
-    layer = nn.Linear(cols, rows, bias=bias)
-    layer.requires_grad_(False)
-    return layer
-
-
 class Attention(nn.Module):
     """Self-attention with GQA; keys are rotated before they are cached."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads = cfg.num_attention_heads
@@ -51,14 +48,13 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = _linear(self.q_size + 2 * self.kv_size, cfg.hidden_size, cfg.attention_bias)
-        self.o_proj = _linear(cfg.hidden_size, self.q_size)
-        self.rope = rope
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        angles: Angles,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -68,7 +64,7 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        q, k = apply_rope(q, k, angles)
         store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
@@ -80,8 +76,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = _linear(2 * cfg.intermediate_size, cfg.hidden_size)
-        self.down_proj = _linear(cfg.hidden_size, cfg.intermediate_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
@@ -92,22 +88,22 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_index, rope)
+        self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        angles: Angles,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """One block: attention then MLP, each with a residual connection."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), angles, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config = cfg
-        rope = RotaryEmbedding(
+        self.rotary_emb = RotaryEmbedding(
             cfg.head_dim,
             cfg.max_position_embeddings,
             cfg.rope_theta,
@@ -127,13 +123,12 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.requires_grad_(False)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rope) for i in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         self.to(dtype=dtype, device=device)
-        rope.to(device=device)
 
     def forward(
         self,
@@ -144,17 +139,18 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flat input_ids/positions [T] -> normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        angles = self.rotary_emb.angles(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, kv_cache, meta)
+            x = layer(x, angles, kv_cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights (std 0.02, unit norms) for benchmarks without a checkpoint."""
+        unpack_linears(self)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -165,6 +161,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into (fused) parameters; every parameter must be covered."""
+        unpack_linears(self)
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in tensors:

@@ -1,0 +1,69 @@
+"""Linear layers that can switch to a faster CPU kernel once their weights are final.
+
+On CPU in float32, oneDNN (mkldnn) runs a matmul against weights that were reordered once
+into its blocked layout about twice as fast as `F.linear` at decode batch sizes (measured on
+the dev machine: lm_head of SmolLM2 at 16 rows 23 ms -> 10 ms). `pack_linears(model)` does the
+reordering after loading; results differ from `F.linear` only by float32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with frozen weights [out, in] and an optional packed copy."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._packed: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to x [..., in_features]."""
+        if self._packed is not None and x.dim() == 2:
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self._packed, self.bias, "none", [], ""
+            )
+        return F.linear(x, self.weight, self.bias)
+
+    def pack(self) -> bool:
+        """Reorder the weights for oneDNN when that kernel applies; returns True if packed."""
+        self._packed = None
+        if not _can_pack(self.weight):
+            return False
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+            probe = torch.ones(1, self.weight.shape[1], dtype=self.weight.dtype)
+            torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
+        except (RuntimeError, AttributeError):
+            return False
+        self._packed = packed
+        return True
+
+    def unpack(self) -> None:
+        """Drop the packed copy (call after changing `weight`)."""
+        self._packed = None
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every `Linear` of `model` for the fast CPU kernel; returns how many were packed."""
+    return sum(module.pack() for module in model.modules() if isinstance(module, Linear))
+
+
+def unpack_linears(model: nn.Module) -> None:
+    """Return every `Linear` of `model` to plain `F.linear` (e.g. before editing weights)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.unpack()
