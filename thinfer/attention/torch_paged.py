@@ -43,14 +43,14 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the flat queries q [T, Hq, D] over the cache; returns [T, Hq, D]."""
     out = torch.empty_like(q)
-    if meta.num_decodes:
-        out[: meta.num_decodes] = decode_attention(
-            q[: meta.num_decodes],
+    for start, end in meta.decode_groups or [(0, meta.num_decodes)] * bool(meta.num_decodes):
+        out[start:end] = decode_attention(
+            q[start:end],
             k_cache,
             v_cache,
-            meta.block_tables[: meta.num_decodes],
-            meta.context_lens[: meta.num_decodes],
-            max(meta.context_lens_list[: meta.num_decodes]),
+            meta.block_tables[start:end],
+            meta.context_lens[start:end],
+            max(meta.context_lens_list[start:end]),
             scale,
         )
     for i in range(meta.num_decodes, meta.num_seqs):

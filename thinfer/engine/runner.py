@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from thinfer.attention.metadata import AttentionMetadata
+from thinfer.attention.metadata import AttentionMetadata, plan_decode_groups
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.models.llama import LlamaForCausalLM
@@ -60,6 +60,7 @@ class ModelRunner:
             query_starts_list=query_starts,
             num_decodes=num_decodes,
             block_size=self.kv_cache.block_size,
+            decode_groups=plan_decode_groups(context_lens[:num_decodes]) if num_decodes else [],
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)

@@ -87,7 +87,9 @@ class Scheduler:
             self.kv_cache.append_slots(seq, num_tokens)
             scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
-        scheduled.sort(key=lambda s: s.num_tokens != 1 or not s.samples)
+        # Decodes first, shortest cache first: attention pads a group of decodes to its
+        # longest member, so neighbours of similar length waste less (see decode_groups).
+        scheduled.sort(key=lambda s: (s.num_tokens != 1 or not s.samples, s.seq.kv_len))
         return scheduled
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
