@@ -19,7 +19,8 @@ def test_no_block_leaks_after_mixed_requests(llm, english_prompts):
         SamplingParams(max_tokens=12, temperature=0.0),
         SamplingParams(max_tokens=20, temperature=0.8, seed=3, n=2),
         SamplingParams(max_tokens=30, temperature=0.0, stop=["."]),
-    ] * 3
+    ]
+    params = [params[i % 3] for i in range(len(english_prompts))]
     outs = engine.generate(english_prompts, params)
     assert all(out.finished for out in outs)
     kv = engine.engine.kv_cache
