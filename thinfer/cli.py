@@ -10,8 +10,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from thinfer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from thinfer.llm import LLM
 
 EXIT_BAD_INPUT = 2
 
@@ -109,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise ValueError("give either a prompt or --file prompts.jsonl")
     base = _sampling_params(args, {})
+    records = _read_jsonl(args.file) if args.file is not None else []
     llm = LLM(**llm_kwargs(args))  # type: ignore[arg-type]
     if args.file is None:
         prompt = args.prompt
@@ -119,25 +124,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for completion in outputs[0].outputs:
             print(completion.text)
         return 0
-    records = _read_jsonl(args.file)
     prompts: list[str | list[int]] = []
     params = []
     for number, record in enumerate(records, 1):
+        where = f"{args.file}:{number}"
         fields = {k: v for k, v in record.items() if k not in ("prompt", "messages", "id")}
-        params.append(_sampling_params(args, fields))
+        try:
+            params.append(_sampling_params(args, fields))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from e
         if "messages" in record:
-            prompts.append(
-                llm.tokenizer.apply_chat_template(record["messages"]) if llm.tokenizer else ""
-            )
+            prompts.append(_chat_prompt(llm, record["messages"], where))
         elif "prompt" in record:
             text = record["prompt"]
-            chat = args.chat and isinstance(text, str)
-            msg = [{"role": "user", "content": text}]
-            prompts.append(
-                llm.tokenizer.apply_chat_template(msg) if chat and llm.tokenizer else text
-            )
+            if args.chat and isinstance(text, str):
+                text = _chat_prompt(llm, [{"role": "user", "content": text}], where)
+            prompts.append(text)
         else:
-            raise ValueError(f"{args.file}:{number}: needs a 'prompt' or 'messages' field")
+            raise ValueError(f"{where}: needs a 'prompt' or 'messages' field")
     outputs = llm.generate(prompts, params, use_tqdm=True)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
@@ -157,6 +161,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+def _chat_prompt(llm: LLM, messages: object, where: str) -> str:
+    if llm.tokenizer is None:
+        raise ValueError(f"{where}: this model has no tokenizer, so no chat template")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    return llm.tokenizer.apply_chat_template(messages)
 
 
 def build_parser() -> argparse.ArgumentParser:
