@@ -128,6 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = []
     for number, record in enumerate(records, 1):
         where = f"{args.file}:{number}"
+        if "prompt" not in record and "messages" not in record:
+            raise ValueError(f"{where}: needs a 'prompt' or 'messages' field")
         fields = {k: v for k, v in record.items() if k not in ("prompt", "messages", "id")}
         try:
             params.append(_sampling_params(args, fields))
@@ -135,13 +137,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"{where}: {e}") from e
         if "messages" in record:
             prompts.append(_chat_prompt(llm, record["messages"], where))
-        elif "prompt" in record:
+        else:
             text = record["prompt"]
             if args.chat and isinstance(text, str):
                 text = _chat_prompt(llm, [{"role": "user", "content": text}], where)
             prompts.append(text)
-        else:
-            raise ValueError(f"{where}: needs a 'prompt' or 'messages' field")
     outputs = llm.generate(prompts, params, use_tqdm=True)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
