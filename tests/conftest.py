@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,3 +70,10 @@ def english_prompts() -> list[str]:
             "we end the heart-ache and the thousand natural shocks that flesh is heir to. In this"
         ),
     ]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """Run the real `thinfer` command (or `python -m thinfer`) and capture its output."""
+    exe = shutil.which("thinfer")
+    cmd = [exe] if exe else [sys.executable, "-m", "thinfer"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=300)

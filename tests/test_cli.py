@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
+from conftest import run_cli
+
 from thinfer import SamplingParams
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("thinfer")
-    cmd = [exe] if exe else [sys.executable, "-m", "thinfer"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=300)
 
 
 def test_generate_prints_the_greedy_completion(llm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import with_engine
 
 from thinfer import SamplingParams
@@ -184,3 +185,25 @@ def test_request_timings(llm, english_prompts):
     out = llm.generate(english_prompts[3], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert out.metrics.time_to_first_token > 0
     assert out.metrics.time_per_output_token > 0
+
+
+def test_dummy_preset_with_auto_sized_cache():
+    from thinfer import LLM
+
+    tiny = LLM(model="tiny", load_format="dummy", device="cpu", max_num_seqs=4)
+    kv = tiny.engine.kv_cache
+    assert kv.num_blocks == 4 * -(-tiny.max_model_len // kv.block_size)  # capped by need
+    outs = tiny.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 5]
+    with pytest.raises(ValueError, match="tokenizer"):
+        tiny.generate("text needs a tokenizer", SamplingParams())
+
+
+def test_streaming_n_samples(llm, english_prompts):
+    params = SamplingParams(n=2, max_tokens=10, temperature=0.9, seed=5)
+    texts = {0: "", 1: ""}
+    for inc in llm.stream(english_prompts[0], params):
+        for c in inc.outputs:
+            texts[c.index] += c.delta_text
+    final = llm.generate(english_prompts[0], params)[0]
+    assert texts == {c.index: c.text for c in final.outputs}

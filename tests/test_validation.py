@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-
 import pytest
-from conftest import with_engine
+from conftest import run_cli, with_engine
 
 from thinfer import LLM, SamplingParams
 from thinfer.loading.checkpoint import default_model_path
@@ -113,12 +109,6 @@ def test_unknown_dtype_and_engine_sizes():
         LLM(model="tiny", load_format="dummy", dtype="float8")
     with pytest.raises(ValueError, match="max_num_seqs"):
         LLM(model="tiny", load_format="dummy", max_num_seqs=0)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("thinfer")
-    cmd = [exe] if exe else [sys.executable, "-m", "thinfer"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,9 @@ class LLMEngine:
         """Run one batch; returns an output for every request that made progress."""
         batch = self.scheduler.schedule()
         if not batch:
+            if self.scheduler.has_unfinished:
+                # Validation guarantees every request fits an empty cache; never spin silently.
+                raise RuntimeError("scheduler could not place any waiting sequence")
             return []
         logits = self.runner.execute(batch)
         sampling = [item.seq for item in batch if item.samples]
