@@ -123,6 +123,42 @@ class KVCache:
         self._free.extend(seq.block_table[keep:])
         del seq.block_table[keep:]
 
+    def compact(self, seq: Sequence, keep: torch.Tensor) -> None:
+        """Keep only the slots `keep` of `seq`, moved to the front in order; free the rest.
+
+        `keep` holds slot indices (< seq.kv_len, ascending, unique per row) either shared by
+        all layers and heads, shape [n], or chosen per layer and KV head, shape
+        [layers, kv_heads, n] (the same n everywhere, so tensors stay rectangular: slot i of
+        head h may then hold a different original token than slot i of head h'). Keys keep
+        the rotation of their original absolute position. Freed blocks return to the pool.
+        """
+        num_layers, _, _, _, num_heads, head_dim = self.storage.shape
+        count = keep.shape[-1]
+        if keep.dim() not in (1, 3) or (
+            keep.dim() == 3 and keep.shape[:2] != (num_layers, num_heads)
+        ):
+            raise ValueError(
+                f"keep must be [n] or [{num_layers}, {num_heads}, n], got {tuple(keep.shape)}"
+            )
+        if count > seq.kv_len or (count and int(keep.max()) >= seq.kv_len):
+            raise ValueError(f"keep refers to slots beyond kv_len {seq.kv_len}")
+        device = self.storage.device
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=device)
+        positions = torch.arange(seq.kv_len, device=device)
+        flat = table[positions // self.block_size] * self.block_size + positions % self.block_size
+        slots = self.storage.view(num_layers, 2, -1, num_heads, head_dim)
+        source = flat[keep.to(device)]
+        target = flat[:count]
+        if keep.dim() == 1:
+            slots[:, :, target] = slots[:, :, source].clone()
+        else:
+            layer = torch.arange(num_layers, device=device)[:, None, None]
+            head = torch.arange(num_heads, device=device)[None, :, None]
+            moved = slots[layer, :, source, head].clone()  # [L, H, n, 2, D]
+            slots[layer, :, target[None, None, :], head] = moved
+        seq.kv_len = count
+        self.release_tail(seq)
+
     def swap_out(self, seq: Sequence) -> None:
         """Preemption: copy `seq`'s blocks to host memory and free them (exact resume)."""
         table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
