@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
 from thinfer.engine.kv_cache import KVCache, available_memory_bytes
 from thinfer.engine.llm_engine import LLMEngine
@@ -27,6 +28,7 @@ class LLM:
     `model` is a HF directory, a GGUF file, or (with `load_format="dummy"`) a preset name such
     as "llama-2-7b"; None means the embedded SmolLM2-135M-Instruct GGUF. KV capacity is
     `num_kv_blocks` blocks when given, else `kv_cache_memory_fraction` of the free memory.
+    `kv_compression` is the default KV-cache compression of requests that set none.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory_fraction: float = 0.5,
         seed: int = 0,
+        kv_compression: CompressionConfig | dict[str, object] | None = None,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -74,6 +77,7 @@ class LLM:
         self.source = checkpoint.source
         self._ids = itertools.count()
         self.engine = LLMEngine(net, self.tokenizer, config, kv_cache, self.max_model_len, dev)
+        self.engine.default_compression = CompressionConfig.coerce(kv_compression)  # type: ignore[arg-type]
 
     def _auto_num_blocks(
         self, config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, dev: torch.device

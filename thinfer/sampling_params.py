@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from thinfer.compression.config import CompressionConfig
 
 
 @dataclass
@@ -14,7 +17,9 @@ class SamplingParams:
     samples reproducible whatever else is batched with it; with `n > 1`, sample i uses
     `seed + i`. `stop` strings end the output and are not included in its text.
     `logprobs=k` returns, per generated token, the log-probability of the chosen token and of
-    the k most likely ones (k=0: the chosen token only).
+    the k most likely ones (k=0: the chosen token only). `kv_compression` chooses this
+    request's KV-cache compression (a `CompressionConfig` or a dict such as
+    `{"method": "window", "budget": 1024}`); None uses the engine's default.
     """
 
     n: int = 1
@@ -31,12 +36,14 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    kv_compression: CompressionConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.kv_compression = CompressionConfig.coerce(self.kv_compression)
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(
             _is_number(self.temperature) and self.temperature >= 0,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thinfer.compression import CompressionConfig, CompressionPolicy, make_policy
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.runner import ModelRunner
@@ -64,6 +65,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.default_compression: CompressionConfig | None = None
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
 
@@ -100,11 +102,16 @@ class LLMEngine:
                 f"model's context of {self.max_model_len} tokens"
             )
         capacity = self.kv_cache.capacity_tokens
-        if prompt_len + params.max_tokens > capacity:
+        peak = self._policy_for(params).peak_slots(prompt_len, params.max_tokens)
+        if peak > capacity:
             raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) can never fit "
-                f"in the KV cache of {capacity} tokens"
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs up to "
+                f"{peak} KV slots and can never fit in the KV cache of {capacity} tokens"
             )
+
+    def _policy_for(self, params: SamplingParams) -> CompressionPolicy:
+        config = params.kv_compression or self.default_compression
+        return make_policy(config)  # type: ignore[arg-type]
 
     def add_request(
         self,
@@ -129,6 +136,7 @@ class LLMEngine:
                 seed = params.seed + index if params.seed is not None else self._next_seed()
                 generator = torch.Generator().manual_seed(seed)
             seq = Sequence(next(self._seq_ids), request_id, index, ids, params, generator, now)
+            seq.policy = self._policy_for(params)
             start_detokenizer(seq)
             seqs.append(seq)
         request = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
@@ -211,6 +219,16 @@ class LLMEngine:
         if seq.finish_reason is not None:
             seq.finished_time = now
             self.scheduler.finish(seq)
+            return
+        self._compress(seq)
+
+    def _compress(self, seq: Sequence) -> None:
+        """Let the sequence's policy evict slots before its new token is written."""
+        if seq.policy is None:
+            return
+        keep = seq.policy.select(seq.kv_len)
+        if keep is not None:
+            self.kv_cache.compact(seq, keep)
 
     def _make_output(self, request: _Request, now: float) -> RequestOutput:
         outputs = []

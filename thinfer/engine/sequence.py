@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thinfer.compression.policies import CompressionPolicy
 from thinfer.sampling_params import SamplingParams
 
 
@@ -54,6 +55,7 @@ class Sequence:
     finished_time: float | None = None
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
+    policy: CompressionPolicy | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,0 +1,174 @@
+"""KV-cache compression: kept sets match the published definitions, memory is really freed,
+and compression never changes what it should not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import with_engine
+from hypothesis import given
+from hypothesis import strategies as st
+
+from thinfer import SamplingParams
+from thinfer.compression import CompressionConfig, make_policy
+
+
+def dense_window(kv_len: int, budget: int) -> list[int]:
+    """Window attention: the new token sees the last `budget` tokens, itself included."""
+    return [i for i in range(kv_len) if i >= kv_len - (budget - 1)]
+
+
+def dense_streaming(kv_len: int, budget: int, sinks: int) -> list[int]:
+    recent = budget - 1 - sinks
+    return [i for i in range(kv_len) if i < sinks or i >= kv_len - recent]
+
+
+@given(st.integers(2, 300), st.integers(0, 400))
+def test_window_keeps_the_last_tokens(budget, kv_len):
+    keep = make_policy(CompressionConfig("window", budget=budget)).select(kv_len)
+    if kv_len < budget:
+        assert keep is None
+    else:
+        assert keep.tolist() == dense_window(kv_len, budget)
+
+
+@given(st.integers(6, 300), st.integers(0, 5), st.integers(0, 400))
+def test_streamingllm_always_keeps_sinks_and_recent(budget, sinks, kv_len):
+    config = CompressionConfig("streamingllm", budget=budget, sink_tokens=sinks)
+    keep = make_policy(config).select(kv_len)
+    if kv_len < budget:
+        assert keep is None
+        return
+    assert keep.tolist() == dense_streaming(kv_len, budget, sinks)
+    assert set(range(sinks)) <= set(keep.tolist())
+
+
+@given(st.integers(8, 300), st.floats(0.0, 0.95), st.integers(0, 7), st.data())
+def test_uniform_trigger_keeps_window_plus_ratio(budget, ratio, window, data):
+    kv_len = data.draw(st.integers(budget, 3 * budget))
+    config = CompressionConfig(
+        "streamingllm", budget=budget, window=window, ratio=ratio, sink_tokens=2, trigger="uniform"
+    )
+    keep = make_policy(config).select(kv_len).tolist()
+    old = kv_len - window
+    expected_old = int(ratio * old)
+    assert len(keep) == expected_old + window
+    assert keep == sorted(set(keep))
+    assert keep[len(keep) - window :] == list(range(old, kv_len))  # recent window kept
+    assert set(range(min(2, expected_old))) <= set(keep)  # sinks first among the old
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": "nope", "budget": 10},
+        {"method": "window"},
+        {"method": "window", "budget": 10, "window": 10},
+        {"method": "window", "budget": 10, "ratio": 1.0},
+        {"method": "window", "budget": 10, "trigger": "sometimes"},
+        {"method": "window", "budget": 10, "colour": "red"},
+    ],
+)
+def test_invalid_configs_are_rejected(bad):
+    with pytest.raises(ValueError, match="kv_compression"):
+        SamplingParams(kv_compression=bad)
+
+
+def generate(llm, prompts, params):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("method", ["window", "streamingllm"])
+def test_budget_beyond_the_sequence_changes_nothing(llm, english_prompts, method):
+    full = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    roomy = SamplingParams(
+        max_tokens=20,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": method, "budget": 500},
+    )
+    assert generate(llm, english_prompts[:4], roomy) == generate(llm, english_prompts[:4], full)
+
+
+def test_kv_length_stays_within_budget_and_blocks_are_reused(llm, english_prompts):
+    engine = with_engine(llm, num_kv_blocks=64, block_size=8)
+    core = engine.engine
+    budget = 24
+    params = SamplingParams(
+        max_tokens=60,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "streamingllm", "budget": budget},
+    )
+    # 4 x (prompt + 60) slots would need far more than 64 blocks without compression
+    for prompt in english_prompts[:4]:
+        core.add_request(prompt, params)
+    while core.has_unfinished_requests():
+        core.step()
+        for seq in core.scheduler.running:
+            prompt_len = len(seq.prompt_token_ids)
+            assert seq.kv_len <= max(prompt_len, budget)
+            assert len(seq.block_table) == core.kv_cache.blocks_for(seq.kv_len)
+    assert core.kv_cache.num_free_blocks == 64
+
+
+def test_without_compression_the_same_load_would_not_fit(llm, english_prompts):
+    engine = with_engine(llm, num_kv_blocks=4, block_size=8)
+    with pytest.raises(ValueError, match="can never fit"):
+        engine.generate(english_prompts[0], SamplingParams(max_tokens=60))
+    squeezed = SamplingParams(
+        max_tokens=60, ignore_eos=True, kv_compression={"method": "window", "budget": 16}
+    )
+    assert len(engine.generate(english_prompts[0], squeezed)[0].outputs[0].token_ids) == 60
+
+
+def test_mixed_methods_in_one_batch_match_running_alone(llm, english_prompts):
+    configs = [
+        None,
+        {"method": "window", "budget": 16},
+        {"method": "streamingllm", "budget": 20, "sink_tokens": 4},
+        {"method": "window", "budget": 40, "window": 8, "ratio": 0.5, "trigger": "uniform"},
+    ]
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, kv_compression=c)
+        for c in configs
+    ]
+    prompts = english_prompts[:4]
+    together = generate(llm, prompts, params)
+    alone = [generate(llm, [p], q)[0] for p, q in zip(prompts, params)]
+    assert together == alone
+    assert together[1] != together[0]  # a 16-slot window does change the text
+
+
+def test_engine_default_compression(llm, english_prompts):
+    engine = with_engine(llm)
+    engine.engine.default_compression = CompressionConfig("window", budget=16)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    explicit = params.__class__(
+        max_tokens=30,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "window", "budget": 16},
+    )
+    assert generate(engine, english_prompts[:1], params) == generate(
+        llm, english_prompts[:1], explicit
+    )
+
+
+def test_positions_stay_absolute_after_eviction(llm, english_prompts):
+    engine = with_engine(llm)
+    core = engine.engine
+    params = SamplingParams(
+        max_tokens=30,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "window", "budget": 8},
+    )
+    core.add_request(english_prompts[1], params)
+    for _ in range(10):
+        core.step()
+    seq = core.scheduler.running[0]
+    assert seq.kv_len < seq.num_computed_tokens  # evicted, yet positions count every token
+    ids, positions, _, _ = core.runner.prepare(core.scheduler.schedule())
+    assert positions.tolist() == [seq.num_computed_tokens]
+    assert torch.equal(ids, torch.tensor([seq.all_token_ids[-1]]))

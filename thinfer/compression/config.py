@@ -1,0 +1,73 @@
+"""`CompressionConfig`: which KV-cache compression a request uses, and its budget.
+
+Two triggers: "native" follows each method's original schedule; "uniform" applies the same
+rule to every method (when the cache reaches `budget` slots, keep the `window` most recent
+plus `floor(ratio * (L - window))` older ones chosen by the method's score) so methods can be
+compared at equal memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+METHODS = ("full", "window", "streamingllm")
+TRIGGERS = ("native", "uniform")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Per-request compression settings (validated on construction)."""
+
+    method: str = "full"
+    budget: int | None = None
+    window: int | None = None
+    ratio: float = 0.3
+    sink_tokens: int = 4
+    trigger: str = "native"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"kv_compression.method: unknown {self.method!r}; available: {', '.join(METHODS)}"
+            )
+        if self.trigger not in TRIGGERS:
+            raise ValueError(
+                f"kv_compression.trigger must be one of {TRIGGERS}, got {self.trigger!r}"
+            )
+        if self.method == "full":
+            return
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 2:
+            raise ValueError(f"kv_compression.budget must be an integer >= 2, got {self.budget!r}")
+        if self.window is not None and not 0 <= self.window < self.budget:
+            raise ValueError(
+                f"kv_compression.window must be in [0, budget={self.budget}), got {self.window!r}"
+            )
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"kv_compression.ratio must be in [0, 1), got {self.ratio!r}")
+        if self.method == "streamingllm" and not 0 <= self.sink_tokens < self.budget:
+            raise ValueError(
+                f"kv_compression.sink_tokens must be in [0, budget), got {self.sink_tokens!r}"
+            )
+
+    @property
+    def recent_window(self) -> int:
+        """W: recent tokens the uniform trigger always keeps (default budget // 4)."""
+        return self.window if self.window is not None else (self.budget or 0) // 4
+
+    @classmethod
+    def coerce(cls, value: CompressionConfig | dict[str, Any] | None) -> CompressionConfig | None:
+        """Accept a config, a plain dict (as in a JSON request body) or None."""
+        if value is None or isinstance(value, CompressionConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"kv_compression must be a dict or CompressionConfig, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"kv_compression: unknown field(s) {', '.join(unknown)}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dictionary (for reports and JSON)."""
+        return asdict(self)

@@ -1,0 +1,92 @@
+"""Compression policies: given a sequence's cached slots, which ones to keep.
+
+A policy only chooses slot indices; `KVCache.compact` moves the data and frees blocks.
+`select` is called after a token was sampled and before it is written to the cache, with
+`kv_len` slots cached; slots are in original token order (compaction preserves order), so
+position-based methods can work on slot indices directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from thinfer.compression.config import CompressionConfig
+
+
+class CompressionPolicy:
+    """Base policy: keep everything (the full cache)."""
+
+    def __init__(self, config: CompressionConfig) -> None:
+        self.config = config
+
+    def select(self, kv_len: int) -> torch.Tensor | None:
+        """Slot indices to keep (ascending), or None to keep all `kv_len` slots."""
+        return None
+
+    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
+        """The most KV slots a request can occupy under this policy."""
+        return prompt_len + max_tokens
+
+    def _uniform_keep(self, kv_len: int, old_scores: torch.Tensor) -> torch.Tensor:
+        """Uniform trigger: the W most recent slots plus the top floor(r*(L-W)) older ones."""
+        window = min(self.config.recent_window, kv_len)
+        num_old = kv_len - window
+        top = math.floor(self.config.ratio * num_old)
+        chosen = (
+            torch.topk(old_scores, top).indices.sort().values
+            if top
+            else old_scores.new_empty(0, dtype=torch.long)
+        )
+        return torch.cat([chosen.long(), torch.arange(num_old, kv_len)])
+
+
+class WindowPolicy(CompressionPolicy):
+    """Window attention: the last `budget` tokens (new one included), every step once full."""
+
+    def select(self, kv_len: int) -> torch.Tensor | None:
+        budget = self.config.budget
+        assert budget is not None
+        if kv_len < budget:
+            return None
+        if self.config.trigger == "uniform":
+            return self._uniform_keep(
+                kv_len, torch.arange(kv_len - self.config.recent_window).float()
+            )
+        return torch.arange(kv_len - budget + 1, kv_len)
+
+    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
+        assert self.config.budget is not None
+        return min(prompt_len + max_tokens, max(prompt_len, self.config.budget))
+
+
+class StreamingLLMPolicy(WindowPolicy):
+    """StreamingLLM: the first `sink_tokens` attention sinks plus the most recent tokens."""
+
+    def select(self, kv_len: int) -> torch.Tensor | None:
+        budget, sinks = self.config.budget, self.config.sink_tokens
+        assert budget is not None
+        if kv_len < budget:
+            return None
+        if self.config.trigger == "uniform":
+            scores = torch.arange(kv_len - self.config.recent_window).float()
+            num_sinks = min(sinks, scores.numel())
+            # sinks outrank every other slot, the earliest sink first
+            scores[:num_sinks] = 2.0 * kv_len - torch.arange(num_sinks).float()
+            return self._uniform_keep(kv_len, scores)
+        recent = budget - 1 - sinks
+        return torch.cat([torch.arange(sinks), torch.arange(kv_len - recent, kv_len)])
+
+
+_POLICIES: dict[str, type[CompressionPolicy]] = {
+    "full": CompressionPolicy,
+    "window": WindowPolicy,
+    "streamingllm": StreamingLLMPolicy,
+}
+
+
+def make_policy(config: CompressionConfig | None) -> CompressionPolicy:
+    """The policy object for a request's config (None means the full cache)."""
+    config = config or CompressionConfig()
+    return _POLICIES[config.method](config)
