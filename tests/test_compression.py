@@ -11,6 +11,13 @@ from hypothesis import strategies as st
 
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig, make_policy
+from thinfer.engine.sequence import Sequence
+
+
+def fake_seq(kv_len: int) -> Sequence:
+    seq = Sequence(0, "r", 0, [1] * max(kv_len, 1), SamplingParams(), None)
+    seq.kv_len = seq.num_computed_tokens = kv_len
+    return seq
 
 
 def dense_window(kv_len: int, budget: int) -> list[int]:
@@ -25,7 +32,7 @@ def dense_streaming(kv_len: int, budget: int, sinks: int) -> list[int]:
 
 @given(st.integers(2, 300), st.integers(0, 400))
 def test_window_keeps_the_last_tokens(budget, kv_len):
-    keep = make_policy(CompressionConfig("window", budget=budget)).select(kv_len)
+    keep = make_policy(CompressionConfig("window", budget=budget)).select(fake_seq(kv_len))
     if kv_len < budget:
         assert keep is None
     else:
@@ -35,7 +42,7 @@ def test_window_keeps_the_last_tokens(budget, kv_len):
 @given(st.integers(6, 300), st.integers(0, 5), st.integers(0, 400))
 def test_streamingllm_always_keeps_sinks_and_recent(budget, sinks, kv_len):
     config = CompressionConfig("streamingllm", budget=budget, sink_tokens=sinks)
-    keep = make_policy(config).select(kv_len)
+    keep = make_policy(config).select(fake_seq(kv_len))
     if kv_len < budget:
         assert keep is None
         return
@@ -49,7 +56,7 @@ def test_uniform_trigger_keeps_window_plus_ratio(budget, ratio, window, data):
     config = CompressionConfig(
         "streamingllm", budget=budget, window=window, ratio=ratio, sink_tokens=2, trigger="uniform"
     )
-    keep = make_policy(config).select(kv_len).tolist()
+    keep = make_policy(config).select(fake_seq(kv_len)).tolist()
     old = kv_len - window
     expected_old = int(ratio * old)
     assert len(keep) == expected_old + window

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS = ("full", "window", "streamingllm")
+METHODS = ("full", "window", "streamingllm", "dynts")
 TRIGGERS = ("native", "uniform")
 
 
@@ -25,6 +25,8 @@ class CompressionConfig:
     ratio: float = 0.3
     sink_tokens: int = 4
     trigger: str = "native"
+    predictor: str | None = None
+    think_end_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -35,8 +37,15 @@ class CompressionConfig:
             raise ValueError(
                 f"kv_compression.trigger must be one of {TRIGGERS}, got {self.trigger!r}"
             )
+        if self.think_end_token_ids is not None:
+            ids = tuple(self.think_end_token_ids)
+            if not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+                raise ValueError("kv_compression.think_end_token_ids must be non-negative ints")
+            object.__setattr__(self, "think_end_token_ids", ids)
         if self.method == "full":
             return
+        if self.method == "dynts" and not self.predictor:
+            raise ValueError("kv_compression.predictor: DynTS needs the path of a predictor head")
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 2:
             raise ValueError(f"kv_compression.budget must be an integer >= 2, got {self.budget!r}")
         if self.window is not None and not 0 <= self.window < self.budget:

@@ -9,10 +9,14 @@ position-based methods can work on slot indices directly.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from thinfer.compression.config import CompressionConfig
+
+if TYPE_CHECKING:
+    from thinfer.engine.sequence import Sequence
 
 
 class CompressionPolicy:
@@ -21,9 +25,14 @@ class CompressionPolicy:
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
 
-    def select(self, kv_len: int) -> torch.Tensor | None:
-        """Slot indices to keep (ascending), or None to keep all `kv_len` slots."""
+    needs_hidden_states = False
+
+    def select(self, seq: Sequence) -> torch.Tensor | None:
+        """Slot indices to keep (ascending), or None to keep all `seq.kv_len` slots."""
         return None
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """See the final hidden state [hidden] of the token `seq` just fed (if needed)."""
 
     def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
         """The most KV slots a request can occupy under this policy."""
@@ -45,7 +54,8 @@ class CompressionPolicy:
 class WindowPolicy(CompressionPolicy):
     """Window attention: the last `budget` tokens (new one included), every step once full."""
 
-    def select(self, kv_len: int) -> torch.Tensor | None:
+    def select(self, seq: Sequence) -> torch.Tensor | None:
+        kv_len = seq.kv_len
         budget = self.config.budget
         assert budget is not None
         if kv_len < budget:
@@ -64,7 +74,8 @@ class WindowPolicy(CompressionPolicy):
 class StreamingLLMPolicy(WindowPolicy):
     """StreamingLLM: the first `sink_tokens` attention sinks plus the most recent tokens."""
 
-    def select(self, kv_len: int) -> torch.Tensor | None:
+    def select(self, seq: Sequence) -> torch.Tensor | None:
+        kv_len = seq.kv_len
         budget, sinks = self.config.budget, self.config.sink_tokens
         assert budget is not None
         if kv_len < budget:
@@ -87,6 +98,10 @@ _POLICIES: dict[str, type[CompressionPolicy]] = {
 
 
 def make_policy(config: CompressionConfig | None) -> CompressionPolicy:
-    """The policy object for a request's config (None means the full cache)."""
+    """A fresh policy object (policies keep per-sequence state) for a request's config."""
     config = config or CompressionConfig()
+    if config.method == "dynts":
+        from thinfer.compression.dynts import DynTSPolicy  # imports the predictor module
+
+        return DynTSPolicy(config)
     return _POLICIES[config.method](config)

@@ -178,13 +178,15 @@ class LLMEngine:
                 # Validation guarantees every request fits an empty cache; never spin silently.
                 raise RuntimeError("scheduler could not place any waiting sequence")
             return []
-        logits = self.runner.execute(batch)
+        logits, hidden = self.runner.execute(batch)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
         sampled = sample(logits, rows)
         now = time.monotonic()
         touched: dict[str, _Request] = {}
-        for seq, token in zip(sampling, sampled, strict=True):
+        for row, (seq, token) in enumerate(zip(sampling, sampled, strict=True)):
+            if seq.policy is not None and seq.policy.needs_hidden_states:
+                seq.policy.observe(seq, hidden[row])
             self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
             touched[seq.request_id] = self._requests[seq.request_id]
         return [self._make_output(request, now) for request in touched.values()]
@@ -226,7 +228,7 @@ class LLMEngine:
         """Let the sequence's policy evict slots before its new token is written."""
         if seq.policy is None:
             return
-        keep = seq.policy.select(seq.kv_len)
+        keep = seq.policy.select(seq)
         if keep is not None:
             self.kv_cache.compact(seq, keep)
 

@@ -67,8 +67,9 @@ class ModelRunner:
         return ids, pos, meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSequence]) -> torch.Tensor:
-        """Run one step; returns logits [num_sampling_seqs, vocab] in batch order.
+    def execute(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one step; returns logits [num_sampling_seqs, vocab] in batch order and the
+        final hidden states [num_sampling_seqs, hidden] of the tokens they were computed from.
 
         Advances every scheduled sequence's `num_computed_tokens` and `kv_len`.
         """
@@ -77,7 +78,6 @@ class ModelRunner:
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
             item.seq.kv_len += item.num_tokens
-        if not sample_rows:
-            return hidden.new_empty((0, self.model.config.vocab_size))
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+        last_hidden = hidden.index_select(0, rows)
+        return self.model.compute_logits(last_hidden), last_hidden

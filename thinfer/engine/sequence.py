@@ -13,10 +13,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from thinfer.compression.policies import CompressionPolicy
+if TYPE_CHECKING:
+    from thinfer.compression.policies import CompressionPolicy
+
 from thinfer.sampling_params import SamplingParams
 
 

@@ -1,0 +1,135 @@
+"""DynTS inference policy: dense reference for the kept set, protected tokens, the budget
+bound, and the predictor file."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import with_engine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thinfer import SamplingParams
+from thinfer.compression import CompressionConfig, make_policy
+from thinfer.dynts import ImportancePredictor, save_predictor
+from thinfer.engine.sequence import Sequence
+
+
+@pytest.fixture(scope="module")
+def predictor_path(tmp_path_factory, llm) -> str:
+    torch.manual_seed(0)
+    head = ImportancePredictor(llm.model_config.hidden_size)
+    path = tmp_path_factory.mktemp("dynts") / "head.safetensors"
+    save_predictor(head, str(path))
+    return str(path)
+
+
+def dense_dynts_keep(scores: list[float], budget: int, window: int, ratio: float) -> list[int]:
+    """Straight from the definition: last W, plus the top floor(r(L-W)) older by score."""
+    length = len(scores)
+    if length < budget:
+        return list(range(length))
+    old = length - window
+    ranked = sorted(range(old), key=lambda i: (-scores[i], i))
+    protected = sum(math.isinf(s) for s in scores[:old])
+    count = max(math.floor(ratio * old), protected)
+    return sorted(ranked[:count]) + list(range(old, length))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(8, 64), st.integers(0, 7), st.floats(0.0, 0.9), st.data())
+def test_kept_set_equals_dense_definition(budget, window, ratio, data):
+    length = data.draw(st.integers(1, 2 * budget))
+    prompt_len = data.draw(st.integers(1, length))
+    distinct = st.floats(0.0, 100.0, allow_nan=False)
+    scores = [math.inf] * prompt_len + data.draw(
+        st.lists(distinct, min_size=length - prompt_len, max_size=length - prompt_len, unique=True)
+    )
+    config = CompressionConfig("dynts", budget=budget, window=window, ratio=ratio, predictor="x")
+    policy = make_policy(config)
+    policy.scores, policy.positions = list(scores), list(range(length))
+    seq = Sequence(0, "r", 0, [1] * prompt_len, SamplingParams(), None)
+    seq.kv_len = length
+    keep = policy.select(seq)
+    expected = dense_dynts_keep(scores, budget, window, ratio)
+    assert (keep is None and expected == list(range(length))) or keep.tolist() == expected
+    if keep is not None:  # protected (prompt) slots always survive, in order
+        assert policy.positions[:prompt_len] == list(range(prompt_len))
+
+
+def test_large_budget_changes_nothing(llm, english_prompts, predictor_path):
+    full = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    dynts = SamplingParams(
+        max_tokens=24,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "dynts", "budget": 400, "predictor": predictor_path},
+    )
+    ours = [o.outputs[0].token_ids for o in llm.generate(english_prompts[:3], dynts)]
+    assert ours == [o.outputs[0].token_ids for o in llm.generate(english_prompts[:3], full)]
+
+
+def test_saw_tooth_within_budget_and_answer_protected(llm, english_prompts, predictor_path):
+    engine = with_engine(llm, num_kv_blocks=128, block_size=8).engine
+    budget, window = 40, 8
+    prompt = llm.tokenizer.encode(english_prompts[0])
+    marker = (30, 31)  # pretend these two tokens close the thinking phase
+    params = SamplingParams(
+        max_tokens=120,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={
+            "method": "dynts",
+            "budget": budget,
+            "window": window,
+            "ratio": 0.3,
+            "predictor": predictor_path,
+            "think_end_token_ids": marker,
+        },
+    )
+    engine.add_request(prompt, params)
+    lengths = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            lengths.append(seq.kv_len + 1)  # slots in use once the pending token is written
+            assert seq.kv_len + 1 <= budget
+            assert seq.policy.positions[: len(prompt)] == list(range(len(prompt)))
+    assert max(lengths) == budget and min(lengths[len(prompt) :]) < budget * 0.6  # saw-tooth
+    assert engine.kv_cache.num_free_blocks == 128
+
+
+def test_marker_makes_answer_tokens_permanent():
+    config = CompressionConfig("dynts", budget=100, predictor="x", think_end_token_ids=[7, 8])
+    policy = make_policy(config)
+    seq = Sequence(0, "r", 0, [1, 2], SamplingParams(), None)
+    hidden = torch.zeros(4)
+    policy.predictor_for = lambda h: lambda x: torch.tensor(0.5)  # no file needed here
+    for token in [5, 7, 8, 9]:
+        seq.output_token_ids.append(token)
+        seq.num_computed_tokens = seq.num_tokens
+        policy.observe(seq, hidden)
+    assert policy.scores == [math.inf, math.inf, 0.5, math.inf, math.inf, math.inf]
+
+
+def test_bad_predictor_files(tmp_path, llm, english_prompts):
+    with pytest.raises(ValueError, match="needs the path"):
+        CompressionConfig("dynts", budget=10)
+    missing = SamplingParams(
+        kv_compression={
+            "method": "dynts",
+            "budget": 8,
+            "predictor": str(tmp_path / "none.safetensors"),
+        }
+    )
+    with pytest.raises(ValueError, match="does not exist"):
+        with_engine(llm).generate(english_prompts[0], missing)
+    wrong = tmp_path / "small.safetensors"
+    save_predictor(ImportancePredictor(32), str(wrong))
+    params = SamplingParams(
+        kv_compression={"method": "dynts", "budget": 8, "predictor": str(wrong)}
+    )
+    with pytest.raises(ValueError, match="hidden size 32"):
+        with_engine(llm).generate(english_prompts[0], params)

@@ -1,0 +1,109 @@
+"""DynTS at inference: keep the decision-critical thinking tokens by predicted importance.
+
+Every cached slot carries a score. Prompt tokens, the think-end marker and every answer token
+after it score +inf (never evicted); a thinking token gets the predictor's score when it is
+fed in. When the cache reaches the budget B: keep the last W slots, and of the older ones the
+top floor(r * (L - W)) by score (at least all +inf ones), in original order, the same slots in
+every layer and head. Memory then grows back to B: a saw-tooth between about r*(B-W)+W and B.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from thinfer.compression.config import CompressionConfig
+from thinfer.compression.policies import CompressionPolicy
+from thinfer.dynts.predictor import ImportancePredictor, load_predictor
+
+if TYPE_CHECKING:
+    from thinfer.engine.sequence import Sequence
+
+PROTECTED = math.inf
+
+
+class DynTSPolicy(CompressionPolicy):
+    """Per-sequence DynTS state: one score per cached slot, aligned with the slots."""
+
+    needs_hidden_states = True
+
+    def __init__(self, config: CompressionConfig) -> None:
+        super().__init__(config)
+        self.scores: list[float] = []
+        self.positions: list[int] = []  # original token position of each cached slot
+        self.answer_from: int | None = None  # position of the first think-end marker token
+        self._predictor: ImportancePredictor | None = None
+
+    def predictor_for(self, hidden: torch.Tensor) -> ImportancePredictor:
+        """The configured head, on the hidden states' dtype and device."""
+        if self._predictor is None:
+            assert self.config.predictor is not None
+            self._predictor = load_predictor(
+                self.config.predictor, hidden.dtype, str(hidden.device)
+            )
+            if self._predictor.hidden_size != hidden.shape[-1]:
+                raise ValueError(
+                    f"DynTS predictor expects hidden size {self._predictor.hidden_size}, "
+                    f"the model has {hidden.shape[-1]}"
+                )
+        return self._predictor
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Score the tokens cached since the last call; `hidden` belongs to the newest one."""
+        newest = seq.num_computed_tokens - 1
+        prompt_len = len(seq.prompt_token_ids)
+        for position in range(len(self.positions) and self.positions[-1] + 1, newest + 1):
+            self._note_marker(seq, position)
+            if position < prompt_len or self._is_answer(position):
+                score = PROTECTED
+            elif position == newest:
+                score = float(self.predictor_for(hidden)(hidden))
+            else:
+                score = PROTECTED  # no hidden state seen for it: keep it, never guess
+            self.positions.append(position)
+            self.scores.append(score)
+
+    def _note_marker(self, seq: Sequence, position: int) -> None:
+        marker = self.config.think_end_token_ids
+        if not marker or self.answer_from is not None:
+            return
+        start = position - len(marker) + 1
+        if (
+            start >= len(seq.prompt_token_ids)
+            and tuple(seq.all_token_ids[start : position + 1]) == marker
+        ):
+            self.answer_from = start
+            for slot, slot_position in enumerate(self.positions):
+                if slot_position >= start:
+                    self.scores[slot] = PROTECTED
+
+    def _is_answer(self, position: int) -> bool:
+        return self.answer_from is not None and position >= self.answer_from
+
+    def select(self, seq: Sequence) -> torch.Tensor | None:
+        budget = self.config.budget
+        assert budget is not None and len(self.scores) == seq.kv_len
+        kv_len = seq.kv_len
+        if kv_len < budget:
+            return None
+        window = min(self.config.recent_window, kv_len)
+        num_old = kv_len - window
+        old_scores = torch.tensor(self.scores[:num_old], dtype=torch.float64)
+        num_protected = int(torch.isinf(old_scores).sum())
+        count = max(math.floor(self.config.ratio * num_old), num_protected)
+        chosen = (
+            torch.topk(old_scores, count).indices.sort().values
+            if count
+            else torch.empty(0, dtype=torch.long)
+        )
+        keep = torch.cat([chosen, torch.arange(num_old, kv_len)])
+        kept = keep.tolist()
+        self.scores = [self.scores[i] for i in kept]
+        self.positions = [self.positions[i] for i in kept]
+        return keep
+
+    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
+        assert self.config.budget is not None
+        return min(prompt_len + max_tokens, max(prompt_len, self.config.budget))
