@@ -136,11 +136,15 @@ def test_mixed_methods_in_one_batch_match_running_alone(llm, english_prompts):
         {"method": "streamingllm", "budget": 20, "sink_tokens": 4},
         {"method": "window", "budget": 40, "window": 8, "ratio": 0.5, "trigger": "uniform"},
     ]
+    configs += [
+        {"method": "sepllm", "budget": 30, "window": 8, "trigger": "uniform"},
+        {"method": "sepllm", "budget": 24, "sink_tokens": 2},
+    ]
     params = [
         SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, kv_compression=c)
         for c in configs
     ]
-    prompts = english_prompts[:4]
+    prompts = english_prompts[:6]
     together = generate(llm, prompts, params)
     alone = [generate(llm, [p], q)[0] for p, q in zip(prompts, params)]
     assert together == alone

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS = ("full", "window", "streamingllm", "dynts")
+METHODS = ("full", "window", "streamingllm", "sepllm", "dynts")
 TRIGGERS = ("native", "uniform")
 
 
@@ -27,6 +27,7 @@ class CompressionConfig:
     trigger: str = "native"
     predictor: str | None = None
     think_end_token_ids: tuple[int, ...] | None = None
+    separators: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,7 +55,11 @@ class CompressionConfig:
             )
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"kv_compression.ratio must be in [0, 1), got {self.ratio!r}")
-        if self.method == "streamingllm" and not 0 <= self.sink_tokens < self.budget:
+        if self.separators is not None and not 0 <= self.separators < self.budget:
+            raise ValueError(
+                f"kv_compression.separators must be in [0, budget), got {self.separators!r}"
+            )
+        if self.method in ("streamingllm", "sepllm") and not 0 <= self.sink_tokens < self.budget:
             raise ValueError(
                 f"kv_compression.sink_tokens must be in [0, budget), got {self.sink_tokens!r}"
             )

@@ -17,6 +17,7 @@ from thinfer.compression.config import CompressionConfig
 
 if TYPE_CHECKING:
     from thinfer.engine.sequence import Sequence
+    from thinfer.loading.tokenizer import Tokenizer
 
 
 class CompressionPolicy:
@@ -97,9 +98,20 @@ _POLICIES: dict[str, type[CompressionPolicy]] = {
 }
 
 
-def make_policy(config: CompressionConfig | None) -> CompressionPolicy:
-    """A fresh policy object (policies keep per-sequence state) for a request's config."""
+def make_policy(
+    config: CompressionConfig | None, tokenizer: Tokenizer | None = None
+) -> CompressionPolicy:
+    """A fresh policy object (policies keep per-sequence state) for a request's config.
+
+    SepLLM finds its separator token ids in `tokenizer`.
+    """
     config = config or CompressionConfig()
+    if config.method == "sepllm":
+        from thinfer.compression.sepllm import SepLLMPolicy, separator_token_ids
+
+        if tokenizer is None:
+            raise ValueError("kv_compression: SepLLM needs a tokenizer to find separator tokens")
+        return SepLLMPolicy(config, separator_token_ids(tokenizer))
     if config.method == "dynts":
         from thinfer.compression.dynts import DynTSPolicy  # imports the predictor module
 

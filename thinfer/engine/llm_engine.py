@@ -111,7 +111,7 @@ class LLMEngine:
 
     def _policy_for(self, params: SamplingParams) -> CompressionPolicy:
         config = params.kv_compression or self.default_compression
-        return make_policy(config)  # type: ignore[arg-type]
+        return make_policy(config, self.tokenizer)  # type: ignore[arg-type]
 
     def add_request(
         self,

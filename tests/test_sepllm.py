@@ -1,0 +1,81 @@
+"""SepLLM: initial tokens + separators of the middle + recent window, at the cap."""
+
+from __future__ import annotations
+
+from conftest import with_engine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thinfer import SamplingParams
+from thinfer.compression import CompressionConfig
+from thinfer.compression.sepllm import SepLLMPolicy, separator_token_ids
+from thinfer.engine.sequence import Sequence
+
+SEPARATORS = frozenset({0, 1})
+
+
+def dense_sepllm(tokens: list[int], cap: int, sinks: int, recent: int, budget: int) -> list[int]:
+    """The definition: first a, the last s separators of the middle, the last w."""
+    length = len(tokens)
+    if length < cap:
+        return list(range(length))
+    middle_end = max(sinks, length - recent)
+    seps = [i for i in range(sinks, middle_end) if tokens[i] in SEPARATORS]
+    return (
+        list(range(min(sinks, length)))
+        + (seps[-budget:] if budget else [])
+        + list(range(middle_end, length))
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(8, 60), st.integers(0, 4), st.integers(1, 20), st.integers(0, 6), st.data())
+def test_kept_set_equals_dense_definition(cap, sinks, recent, separators, data):
+    recent = min(recent, cap - sinks - 1)
+    tokens = data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=2 * cap))
+    config = CompressionConfig(
+        "sepllm", budget=cap, sink_tokens=sinks, window=recent, separators=separators
+    )
+    policy = SepLLMPolicy(config, SEPARATORS)
+    seq = Sequence(0, "r", 0, tokens, SamplingParams(), None)
+    seq.kv_len = seq.num_computed_tokens = len(tokens)
+    keep = policy.select(seq)
+    expected = dense_sepllm(tokens, cap, sinks, recent, separators)
+    assert (keep is None and expected == list(range(len(tokens)))) or keep.tolist() == expected
+    assert policy.positions == expected
+
+
+def test_separator_ids_of_the_real_tokenizer(llm):
+    ids = separator_token_ids(llm.tokenizer)
+    for text in [".", ",", "?", "\n", " "]:
+        assert llm.tokenizer.encode(text)[0] in ids, text
+    assert llm.tokenizer.encode("hello")[0] not in ids
+
+
+def test_sepllm_on_the_real_model(llm, english_prompts):
+    engine = with_engine(llm, num_kv_blocks=64, block_size=8)
+    full = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    roomy = SamplingParams(
+        max_tokens=30,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "sepllm", "budget": 400},
+    )
+    prompts = english_prompts[:3]
+    assert [o.outputs[0].token_ids for o in engine.generate(prompts, roomy)] == [
+        o.outputs[0].token_ids for o in engine.generate(prompts, full)
+    ]
+    tight = SamplingParams(
+        max_tokens=80,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "sepllm", "budget": 48, "window": 16},
+    )
+    core = engine.engine
+    for prompt in prompts:
+        core.add_request(prompt, tight)
+    while core.has_unfinished_requests():
+        core.step()
+        for seq in core.scheduler.running:
+            assert seq.kv_len + 1 <= max(len(seq.prompt_token_ids) + 1, 48)
+    assert core.kv_cache.num_free_blocks == 64
