@@ -15,12 +15,14 @@ import torch
 
 from thinfer.compression import CompressionConfig, CompressionPolicy, make_policy
 from thinfer.config import EngineConfig, ModelConfig
+from thinfer.engine import telemetry
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.runner import ModelRunner
 from thinfer.engine.sampler import SamplingRow, sample
 from thinfer.engine.scheduler import Scheduler
 from thinfer.engine.sequence import Sequence
 from thinfer.engine.stopping import append_text, check_stop, start_detokenizer
+from thinfer.engine.telemetry import StepStats
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.models.llama import LlamaForCausalLM
 from thinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -66,6 +68,8 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.default_compression: CompressionConfig | None = None
+        self.num_steps = 0
+        self.last_stats: StepStats | None = None
         self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
 
@@ -172,12 +176,14 @@ class LLMEngine:
     # ----- stepping ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns an output for every request that made progress."""
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_unfinished:
                 # Validation guarantees every request fits an empty cache; never spin silently.
                 raise RuntimeError("scheduler could not place any waiting sequence")
             return []
+        kv_before = [item.seq.kv_len for item in batch]
         logits, hidden = self.runner.execute(batch)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
@@ -189,7 +195,18 @@ class LLMEngine:
                 seq.policy.observe(seq, hidden[row])
             self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
             touched[seq.request_id] = self._requests[seq.request_id]
-        return [self._make_output(request, now) for request in touched.values()]
+        outputs = [self._make_output(request, now) for request in touched.values()]
+        self.num_steps += 1
+        self.last_stats = telemetry.collect(
+            self.num_steps,
+            time.perf_counter() - started,
+            batch,
+            kv_before,
+            len(sampling),
+            self.kv_cache,
+            self.model_config,
+        )
+        return outputs
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params
