@@ -45,6 +45,19 @@ def test_kept_set_equals_dense_definition(cap, sinks, recent, separators, data):
     assert policy.positions == expected
 
 
+def test_fewer_separators_than_the_separator_budget():
+    tokens = [0, 1, 0, 1, 0, 5, 5, 5]  # five separators in the middle, budget for six
+    config = CompressionConfig("sepllm", budget=8, sink_tokens=0, window=1, separators=6)
+    keep = SepLLMPolicy(config, SEPARATORS).select(_seq(tokens))
+    assert keep.tolist() == [0, 1, 2, 3, 4, 7]
+
+
+def _seq(tokens: list[int]) -> Sequence:
+    seq = Sequence(0, "r", 0, tokens, SamplingParams(), None)
+    seq.kv_len = seq.num_computed_tokens = len(tokens)
+    return seq
+
+
 def test_separator_ids_of_the_real_tokenizer(llm):
     ids = separator_token_ids(llm.tokenizer)
     for text in [".", ",", "?", "\n", " "]:

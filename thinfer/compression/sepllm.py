@@ -79,7 +79,11 @@ class SepLLMPolicy(CompressionPolicy):
             sinks = min(self.config.sink_tokens, kv_len)
             middle_end = max(sinks, kv_len - self.recent)
             middle = [i for i in range(sinks, middle_end) if is_separator[i]]
-            middle = middle[len(middle) - self.separator_budget :] if self.separator_budget else []
+            middle = (
+                middle[max(0, len(middle) - self.separator_budget) :]
+                if self.separator_budget
+                else []
+            )
             keep = torch.tensor(
                 list(range(sinks)) + middle + list(range(middle_end, kv_len)), dtype=torch.long
             )
