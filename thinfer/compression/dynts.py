@@ -103,7 +103,3 @@ class DynTSPolicy(CompressionPolicy):
         self.scores = [self.scores[i] for i in kept]
         self.positions = [self.positions[i] for i in kept]
         return keep
-
-    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
-        assert self.config.budget is not None
-        return min(prompt_len + max_tokens, max(prompt_len, self.config.budget))

@@ -36,8 +36,13 @@ class CompressionPolicy:
         """See the final hidden state [hidden] of the token `seq` just fed (if needed)."""
 
     def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
-        """The most KV slots a request can occupy under this policy."""
-        return prompt_len + max_tokens
+        """The most KV slots a request can occupy under this policy.
+
+        Prefill is never compressed; afterwards a bounded policy stays within its budget.
+        """
+        if self.config.method == "full" or self.config.budget is None:
+            return prompt_len + max_tokens
+        return min(prompt_len + max_tokens, max(prompt_len, self.config.budget))
 
     def _uniform_keep(self, kv_len: int, old_scores: torch.Tensor) -> torch.Tensor:
         """Uniform trigger: the W most recent slots plus the top floor(r*(L-W)) older ones."""
@@ -66,10 +71,6 @@ class WindowPolicy(CompressionPolicy):
                 kv_len, torch.arange(kv_len - self.config.recent_window).float()
             )
         return torch.arange(kv_len - budget + 1, kv_len)
-
-    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
-        assert self.config.budget is not None
-        return min(prompt_len + max_tokens, max(prompt_len, self.config.budget))
 
 
 class StreamingLLMPolicy(WindowPolicy):

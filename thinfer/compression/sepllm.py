@@ -89,7 +89,3 @@ class SepLLMPolicy(CompressionPolicy):
             )
         self.positions = [self.positions[i] for i in keep.tolist()]
         return keep
-
-    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
-        assert self.config.budget is not None
-        return min(prompt_len + max_tokens, max(prompt_len, self.config.budget))
