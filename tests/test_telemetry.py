@@ -19,7 +19,7 @@ def test_step_stats_track_prefill_and_decode(llm):
     assert list(stats.kv_lens.values()) == [10]
     assert stats.kv_blocks_in_use == 2
     assert stats.kv_bytes_in_use == 2 * engine.kv_cache.bytes_per_block
-    assert stats.kv_bytes_in_use == 2 * 8 * cfg.kv_bytes_per_token * 4  # fp32
+    assert stats.kv_bytes_in_use == 2 * 8 * cfg.kv_elements_per_token * 4  # fp32
     engine.step()  # one decode token attends 11 keys
     assert engine.last_stats.attention_flops == 11 * per_key
     assert engine.last_stats.tokens_per_second > 0

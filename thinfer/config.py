@@ -88,8 +88,8 @@ class ModelConfig:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers, in float32 units (scale for dtype)."""
+    def kv_elements_per_token(self) -> int:
+        """Numbers of K and V stored per token over all layers (times the dtype's size = bytes)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
     @classmethod

@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from thinfer.compression import CompressionConfig
-from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
-from thinfer.engine.kv_cache import KVCache, available_memory_bytes
+from thinfer.config import EngineConfig, resolve_dtype
+from thinfer.engine.kv_cache import KVCache, auto_num_blocks
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.loading import load_checkpoint
 from thinfer.models import build_model
@@ -70,7 +70,9 @@ class LLM:
             net.load_weights(checkpoint.tensors())
         net.eval()
         pack_linears(net)
-        num_blocks = num_kv_blocks or self._auto_num_blocks(config, model_cfg, torch_dtype, dev)
+        num_blocks = num_kv_blocks or auto_num_blocks(
+            model_cfg, config, self.max_model_len, torch_dtype, dev
+        )
         kv_cache = KVCache(model_cfg, num_blocks, block_size, torch_dtype, dev)
         self.tokenizer = checkpoint.tokenizer
         self.model_config = model_cfg
@@ -78,22 +80,6 @@ class LLM:
         self._ids = itertools.count()
         self.engine = LLMEngine(net, self.tokenizer, config, kv_cache, self.max_model_len, dev)
         self.engine.default_compression = CompressionConfig.coerce(kv_compression)  # type: ignore[arg-type]
-
-    def _auto_num_blocks(
-        self, config: EngineConfig, model_cfg: ModelConfig, dtype: torch.dtype, dev: torch.device
-    ) -> int:
-        bytes_per_block = (
-            model_cfg.kv_bytes_per_token
-            * config.block_size
-            * torch.empty((), dtype=dtype).element_size()
-        )
-        budget = int(available_memory_bytes(dev) * config.kv_cache_memory_fraction)
-        by_memory = budget // bytes_per_block
-        by_need = config.max_num_seqs * -(-self.max_model_len // config.block_size)
-        num_blocks = min(by_memory, by_need)
-        if num_blocks < 1:
-            raise ValueError("not enough free memory for even one KV block")
-        return int(num_blocks)
 
     # ----- batch generation -------------------------------------------------------------
     def generate(

@@ -26,17 +26,12 @@ class AttentionMetadata:
     query_starts_list: list[int]
     num_decodes: int
     block_size: int
-    decode_groups: list[tuple[int, int]] | None = None  # [start, end) slices of the decodes
+    decode_groups: list[tuple[int, int]]  # [start, end) slices of the decodes, see below
 
     @property
     def num_seqs(self) -> int:
         """Sequences in the batch."""
         return len(self.query_lens_list)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        """Query rows that belong to decoding sequences (they come first)."""
-        return self.num_decodes
 
 
 # Cost of one more attention call per layer, in padded (sequence x slot) units: measured on
@@ -51,6 +46,8 @@ def plan_decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:
     Each group is padded to its longest member; a split is made where it saves more padded
     slots than `GROUP_OVERHEAD_SLOTS` (greedy, at most `MAX_DECODE_GROUPS` groups).
     """
+    if not context_lens:
+        return []
     groups = [(0, len(context_lens))]
     while len(groups) < MAX_DECODE_GROUPS:
         best_saving, best = GROUP_OVERHEAD_SLOTS, None

@@ -43,7 +43,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the flat queries q [T, Hq, D] over the cache; returns [T, Hq, D]."""
     out = torch.empty_like(q)
-    for start, end in meta.decode_groups or [(0, meta.num_decodes)] * bool(meta.num_decodes):
+    for start, end in meta.decode_groups:
         out[start:end] = decode_attention(
             q[start:end],
             k_cache,

@@ -72,7 +72,7 @@ class DynTSPolicy(CompressionPolicy):
         start = position - len(marker) + 1
         if (
             start >= len(seq.prompt_token_ids)
-            and tuple(seq.all_token_ids[start : position + 1]) == marker
+            and tuple(seq.token_ids(start, position + 1)) == marker
         ):
             self.answer_from = start
             for slot, slot_position in enumerate(self.positions):

@@ -12,7 +12,7 @@ from collections import deque
 
 import torch
 
-from thinfer.config import ModelConfig
+from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine.sequence import Sequence
 
 
@@ -178,6 +178,24 @@ class KVCache:
         table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
         self.storage[:, :, table] = seq.swapped_kv.to(self.storage.device)
         seq.swapped_kv = None
+
+
+def auto_num_blocks(
+    model_cfg: ModelConfig,
+    config: EngineConfig,
+    max_model_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """Blocks that fit in `kv_cache_memory_fraction` of free memory, capped at what
+    `max_num_seqs` sequences of `max_model_len` tokens need."""
+    bytes_per_block = model_cfg.kv_elements_per_token * config.block_size * dtype.itemsize
+    budget = int(available_memory_bytes(device) * config.kv_cache_memory_fraction)
+    by_need = config.max_num_seqs * -(-max_model_len // config.block_size)
+    num_blocks = min(budget // bytes_per_block, by_need)
+    if num_blocks < 1:
+        raise ValueError("not enough free memory for even one KV block")
+    return num_blocks
 
 
 def available_memory_bytes(device: torch.device) -> int:

@@ -35,7 +35,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             query_starts.append(len(input_ids))
             query_lens.append(n)
-            input_ids.extend(seq.all_token_ids[start : start + n])
+            input_ids.extend(seq.token_ids(start, start + n))
             positions.extend(range(start, start + n))
             slots.extend(self.kv_cache.slot_mapping(seq, n))
             context_lens.append(seq.kv_len + n)
@@ -60,7 +60,7 @@ class ModelRunner:
             query_starts_list=query_starts,
             num_decodes=num_decodes,
             block_size=self.kv_cache.block_size,
-            decode_groups=plan_decode_groups(context_lens[:num_decodes]) if num_decodes else [],
+            decode_groups=plan_decode_groups(context_lens[:num_decodes]),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)

@@ -65,6 +65,16 @@ class Sequence:
         """Prompt followed by generated tokens."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, start: int, stop: int | None = None) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without concatenating the whole history."""
+        split = len(self.prompt_token_ids)
+        stop = self.num_tokens if stop is None else stop
+        if start >= split:
+            return self.output_token_ids[start - split : stop - split]
+        if stop <= split:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - split]
+
     @property
     def num_tokens(self) -> int:
         """Prompt plus generated token count."""

@@ -21,15 +21,14 @@ def append_text(seq: Sequence, tokenizer: Tokenizer) -> str:
 
     Text is held back while the tail decodes to an incomplete UTF-8 character.
     """
-    ids = seq.all_token_ids
     skip = seq.params.skip_special_tokens
-    prefix = tokenizer.decode(ids[seq.detok_prefix_offset : seq.detok_read_offset], skip)
-    full = tokenizer.decode(ids[seq.detok_prefix_offset :], skip)
+    prefix = tokenizer.decode(seq.token_ids(seq.detok_prefix_offset, seq.detok_read_offset), skip)
+    full = tokenizer.decode(seq.token_ids(seq.detok_prefix_offset), skip)
     if len(full) <= len(prefix) or full.endswith("\ufffd"):
         return ""
     new_text = full[len(prefix) :]
     seq.detok_prefix_offset = seq.detok_read_offset
-    seq.detok_read_offset = len(ids)
+    seq.detok_read_offset = seq.num_tokens
     seq.text += new_text
     return new_text
 
