@@ -16,6 +16,7 @@ from thinfer import LLM
 from thinfer.config import EngineConfig
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.llm_engine import LLMEngine
+from thinfer.loading.checkpoint import default_model_path
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -24,6 +25,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def llm() -> LLM:
     """The default model with a roomy cache."""
     return LLM(dtype="float32", device="cpu", num_kv_blocks=2048)
+
+
+@pytest.fixture(scope="session")
+def hf_model() -> torch.nn.Module:
+    """HF transformers on the same GGUF file: the correctness oracle."""
+    transformers = pytest.importorskip("transformers")
+    path = default_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    model.generation_config.eos_token_id = None  # run to max_new_tokens, EOS not masked
+    return model.eval()
 
 
 def with_engine(llm: LLM, num_kv_blocks: int = 2048, **config: object) -> LLM:

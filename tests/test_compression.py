@@ -139,12 +139,15 @@ def test_mixed_methods_in_one_batch_match_running_alone(llm, english_prompts):
     configs += [
         {"method": "sepllm", "budget": 30, "window": 8, "trigger": "uniform"},
         {"method": "sepllm", "budget": 24, "sink_tokens": 2},
+        {"method": "h2o", "budget": 20},
+        {"method": "snapkv", "budget": 20, "interval": 8, "observation_window": 4},
+        {"method": "rkv", "budget": 24, "window": 8, "trigger": "uniform"},
     ]
     params = [
         SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, kv_compression=c)
         for c in configs
     ]
-    prompts = english_prompts[:6]
+    prompts = english_prompts[:9]
     together = generate(llm, prompts, params)
     alone = [generate(llm, [p], q)[0] for p, q in zip(prompts, params)]
     assert together == alone

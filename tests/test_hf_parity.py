@@ -6,26 +6,11 @@ independently of thinfer's loader).
 
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
 
 from thinfer import SamplingParams
-from thinfer.loading.checkpoint import default_model_path
 
 NEW_TOKENS = 64
-
-
-@pytest.fixture(scope="module")
-def hf_model() -> torch.nn.Module:
-    transformers = pytest.importorskip("transformers")
-    path = default_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
-    model.generation_config.eos_token_id = None  # run to max_new_tokens, EOS not masked
-    return model.eval()
 
 
 def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int) -> list[int]:

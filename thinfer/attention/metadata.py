@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from thinfer.attention.capture import AttentionCapture
+
 
 @dataclass
 class AttentionMetadata:
@@ -27,6 +29,7 @@ class AttentionMetadata:
     num_decodes: int
     block_size: int
     decode_groups: list[tuple[int, int]]  # [start, end) slices of the decodes, see below
+    capture: AttentionCapture | None = None  # signals for compression policies, if any
 
     @property
     def num_seqs(self) -> int:

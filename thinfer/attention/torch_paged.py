@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from thinfer.attention.capture import sum_query_groups
 from thinfer.attention.metadata import AttentionMetadata
+
+# Query rows per chunk when prefill column sums are computed explicitly (bounds memory).
+COLUMN_SUM_CHUNK = 256
 
 
 def store_kv(
@@ -41,10 +45,16 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of the flat queries q [T, Hq, D] over the cache; returns [T, Hq, D]."""
+    """Attention of the flat queries q [T, Hq, D] over the cache; returns [T, Hq, D].
+
+    When `meta.capture` asks for them, the column sums of the attention probabilities of
+    some sequences are recorded on the way (see `thinfer.attention.capture`).
+    """
     out = torch.empty_like(q)
+    capture = meta.capture
+    num_kv_heads = k_cache.shape[2]
     for start, end in meta.decode_groups:
-        out[start:end] = decode_attention(
+        args = (
             q[start:end],
             k_cache,
             v_cache,
@@ -53,14 +63,22 @@ def paged_attention(
             max(meta.context_lens_list[start:end]),
             scale,
         )
+        wanted = [i for i in range(start, end) if capture and capture.wants_column_sums(i)]
+        if not wanted:
+            out[start:end] = decode_attention(*args)
+            continue
+        out[start:end], probs = decode_attention_with_probs(*args)
+        for i in wanted:
+            column = probs[i - start, :, : meta.context_lens_list[i]]
+            capture.add_column_sums(i, sum_query_groups(column, num_kv_heads))  # type: ignore[union-attr]
     for i in range(meta.num_decodes, meta.num_seqs):
         start, n = meta.query_starts_list[i], meta.query_lens_list[i]
-        out[start : start + n] = prefill_attention(
-            q[start : start + n],
-            gather_kv(k_cache, meta.block_tables[i], meta.context_lens_list[i]),
-            gather_kv(v_cache, meta.block_tables[i], meta.context_lens_list[i]),
-            scale,
-        )
+        keys = gather_kv(k_cache, meta.block_tables[i], meta.context_lens_list[i])
+        values = gather_kv(v_cache, meta.block_tables[i], meta.context_lens_list[i])
+        out[start : start + n] = prefill_attention(q[start : start + n], keys, values, scale)
+        if capture is not None and capture.wants_column_sums(i):
+            sums = prefill_column_sums(q[start : start + n], keys, scale)
+            capture.add_column_sums(i, sum_query_groups(sums, num_kv_heads))
     return out
 
 
@@ -93,6 +111,55 @@ def decode_attention(
         enable_gqa=True,
     )
     return out[:, :, 0]
+
+
+def decode_attention_with_probs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_attention` computed explicitly, also returning the probabilities
+    [B, Hq, S] (zero beyond each context length) that H2O accumulates."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = (max_context_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks].reshape(-1)
+    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
+    values = values.transpose(1, 2)
+    grouped = q.view(batch, num_kv_heads, group, head_dim).float()
+    logits = torch.matmul(grouped, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    slots = torch.arange(keys.shape[2], device=q.device)
+    valid = slots[None, :] < context_lens[:, None]
+    logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs, values.float()).to(q.dtype)  # [B, Hkv, G, D]
+    return out.view(batch, num_heads, head_dim), probs.view(batch, num_heads, -1)
+
+
+def prefill_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention probability each key receives, summed over the n new queries: [Hq, c].
+
+    Same causal alignment as `prefill_attention`; computed COLUMN_SUM_CHUNK queries at a
+    time so a long prompt never needs its whole n x c matrix at once.
+    """
+    n, c = q.shape[0], keys.shape[0]
+    group = q.shape[1] // keys.shape[1]
+    keys_per_head = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, c, D]
+    sums = torch.zeros(q.shape[1], c, dtype=torch.float32, device=q.device)
+    columns = torch.arange(c, device=q.device)
+    for first in range(0, n, COLUMN_SUM_CHUNK):
+        chunk = q[first : first + COLUMN_SUM_CHUNK].float().transpose(0, 1)  # [Hq, m, D]
+        query_slots = torch.arange(c - n + first, c - n + first + chunk.shape[1], device=q.device)
+        logits = torch.matmul(chunk, keys_per_head.transpose(-1, -2)) * scale  # [Hq, m, c]
+        logits.masked_fill_(columns[None, :] > query_slots[:, None], float("-inf"))
+        sums += torch.softmax(logits, dim=-1).sum(1)
+    return sums
 
 
 def prefill_attention(

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS = ("full", "window", "streamingllm", "sepllm", "dynts")
+METHODS = ("full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv", "dynts")
+PER_HEAD_METHODS = ("h2o", "snapkv", "rkv")
 TRIGGERS = ("native", "uniform")
 
 
@@ -28,6 +29,12 @@ class CompressionConfig:
     predictor: str | None = None
     think_end_token_ids: tuple[int, ...] | None = None
     separators: int | None = None
+    interval: int = 128
+    observation_window: int = 8
+    pool_kernel: int = 7
+    redundancy_lambda: float = 0.1
+    redundancy_threshold: float = 0.5
+    reassign_positions: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,16 +60,50 @@ class CompressionConfig:
             raise ValueError(
                 f"kv_compression.window must be in [0, budget={self.budget}), got {self.window!r}"
             )
+        for name in ("ratio", "redundancy_lambda", "redundancy_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"kv_compression.{name} must be a number, got {value!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"kv_compression.ratio must be in [0, 1), got {self.ratio!r}")
         if self.separators is not None and not 0 <= self.separators < self.budget:
             raise ValueError(
                 f"kv_compression.separators must be in [0, budget), got {self.separators!r}"
             )
+        self._check_per_head_fields()
+        if self.reassign_positions and self.method != "streamingllm":
+            raise ValueError("kv_compression.reassign_positions is a StreamingLLM option")
         if self.method in ("streamingllm", "sepllm") and not 0 <= self.sink_tokens < self.budget:
             raise ValueError(
                 f"kv_compression.sink_tokens must be in [0, budget), got {self.sink_tokens!r}"
             )
+
+    def _check_per_head_fields(self) -> None:
+        limit = self.budget if self.method in ("snapkv", "rkv") else float("inf")
+        checks = [
+            ("interval", self.interval, isinstance(self.interval, int) and self.interval >= 1),
+            (
+                "observation_window",
+                self.observation_window,
+                isinstance(self.observation_window, int) and 1 <= self.observation_window < limit,
+            ),
+            (
+                "pool_kernel",
+                self.pool_kernel,
+                isinstance(self.pool_kernel, int) and self.pool_kernel > 0 and self.pool_kernel % 2,
+            ),
+            ("redundancy_lambda", self.redundancy_lambda, 0.0 <= self.redundancy_lambda <= 1.0),
+            (
+                "redundancy_threshold",
+                self.redundancy_threshold,
+                -1.0 <= self.redundancy_threshold <= 1.0,
+            ),
+        ]
+        for name, value, ok in checks:
+            if not ok:
+                raise ValueError(
+                    f"kv_compression.{name} is out of range: {value!r} (see docs/compression.md)"
+                )
 
     @property
     def recent_window(self) -> int:

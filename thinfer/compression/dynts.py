@@ -19,6 +19,7 @@ from thinfer.compression.policies import CompressionPolicy
 from thinfer.dynts.predictor import ImportancePredictor, load_predictor
 
 if TYPE_CHECKING:
+    from thinfer.engine.kv_cache import KVCache
     from thinfer.engine.sequence import Sequence
 
 PROTECTED = math.inf
@@ -82,7 +83,7 @@ class DynTSPolicy(CompressionPolicy):
     def _is_answer(self, position: int) -> bool:
         return self.answer_from is not None and position >= self.answer_from
 
-    def select(self, seq: Sequence) -> torch.Tensor | None:
+    def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
         budget = self.config.budget
         assert budget is not None and len(self.scores) == seq.kv_len
         kv_len = seq.kv_len

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from thinfer.compression.config import CompressionConfig
+from thinfer.compression.config import PER_HEAD_METHODS, CompressionConfig
 
 if TYPE_CHECKING:
+    from thinfer.engine.kv_cache import KVCache
     from thinfer.engine.sequence import Sequence
     from thinfer.loading.tokenizer import Tokenizer
 
@@ -26,14 +27,27 @@ class CompressionPolicy:
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
 
-    needs_hidden_states = False
+    needs_hidden_states = False  # DynTS: `observe` gets each sampled row's final hidden state
+    needs_attention_sums = False  # H2O: `observe_attention` gets attention column sums
+    query_window = 0  # SnapKV, R-KV: `observe_attention` gets the last this-many queries
 
-    def select(self, seq: Sequence) -> torch.Tensor | None:
-        """Slot indices to keep (ascending), or None to keep all `seq.kv_len` slots."""
+    def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
+        """Slot indices to keep, or None to keep all `seq.kv_len` slots.
+
+        Shape [n] (ascending; shared by all layers and heads) or [layers, kv_heads, n]
+        (per-head methods). `cache` gives methods that score keys access to them.
+        """
         return None
 
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """See the final hidden state [hidden] of the token `seq` just fed (if needed)."""
+
+    def observe_attention(
+        self, seq: Sequence, queries: torch.Tensor | None, column_sums: torch.Tensor | None
+    ) -> None:
+        """See this step's attention signals for `seq` (only those the policy asked for):
+        rotated queries [layers, t, Hq, D] of its last t fed tokens, and the attention
+        probability each of its `kv_len` slots received this step, [layers, Hkv, kv_len]."""
 
     def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
         """The most KV slots a request can occupy under this policy.
@@ -60,7 +74,7 @@ class CompressionPolicy:
 class WindowPolicy(CompressionPolicy):
     """Window attention: the last `budget` tokens (new one included), every step once full."""
 
-    def select(self, seq: Sequence) -> torch.Tensor | None:
+    def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
         kv_len = seq.kv_len
         budget = self.config.budget
         assert budget is not None
@@ -76,7 +90,7 @@ class WindowPolicy(CompressionPolicy):
 class StreamingLLMPolicy(WindowPolicy):
     """StreamingLLM: the first `sink_tokens` attention sinks plus the most recent tokens."""
 
-    def select(self, seq: Sequence) -> torch.Tensor | None:
+    def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
         kv_len = seq.kv_len
         budget, sinks = self.config.budget, self.config.sink_tokens
         assert budget is not None
@@ -113,6 +127,11 @@ def make_policy(
         if tokenizer is None:
             raise ValueError("kv_compression: SepLLM needs a tokenizer to find separator tokens")
         return SepLLMPolicy(config, separator_token_ids(tokenizer))
+    if config.method in PER_HEAD_METHODS:
+        from thinfer.compression.per_head import H2OPolicy, RKVPolicy, SnapKVPolicy
+
+        per_head = {"h2o": H2OPolicy, "snapkv": SnapKVPolicy, "rkv": RKVPolicy}
+        return per_head[config.method](config)
     if config.method == "dynts":
         from thinfer.compression.dynts import DynTSPolicy  # imports the predictor module
 

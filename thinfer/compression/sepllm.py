@@ -16,6 +16,7 @@ from thinfer.compression.config import CompressionConfig
 from thinfer.compression.policies import CompressionPolicy
 
 if TYPE_CHECKING:
+    from thinfer.engine.kv_cache import KVCache
     from thinfer.engine.sequence import Sequence
     from thinfer.loading.tokenizer import Tokenizer
 
@@ -59,7 +60,7 @@ class SepLLMPolicy(CompressionPolicy):
             return self.config.separators
         return max(0, (self.config.budget - self.config.sink_tokens - self.recent) // 2)
 
-    def select(self, seq: Sequence) -> torch.Tensor | None:
+    def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
         start = self.positions[-1] + 1 if self.positions else 0
         self.positions.extend(range(start, seq.num_computed_tokens))
         assert self.config.budget is not None and len(self.positions) == seq.kv_len

@@ -123,6 +123,12 @@ class KVCache:
         self._free.extend(seq.block_table[keep:])
         del seq.block_table[keep:]
 
+    def sequence_keys(self, seq: Sequence) -> torch.Tensor:
+        """A copy of `seq`'s cached keys of every layer: [layers, kv_len, kv_heads, head_dim]."""
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
+        keys = self.storage[:, 0].index_select(1, table)  # [L, blocks, block_size, H, D]
+        return keys.flatten(1, 2)[:, : seq.kv_len]
+
     def compact(self, seq: Sequence, keep: torch.Tensor) -> None:
         """Keep only the slots `keep` of `seq`, moved to the front in order; free the rest.
 

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from thinfer.attention.capture import AttentionCapture
 from thinfer.attention.metadata import AttentionMetadata, plan_decode_groups
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.models.llama import LlamaForCausalLM
+
+
+class StepOutput(NamedTuple):
+    """What one forward pass returns to the engine."""
+
+    logits: torch.Tensor  # [num_sampling_seqs, vocab], in batch order
+    hidden: torch.Tensor  # [num_sampling_seqs, hidden]: final hidden state of those rows
+    capture: AttentionCapture | None  # attention signals for compression policies
+
+
+def plan_capture(
+    batch: list[ScheduledSequence], query_starts: list[int]
+) -> AttentionCapture | None:
+    """The attention signals this batch's compression policies need, or None."""
+    query_rows: dict[int, tuple[int, int]] = {}
+    column_sums: set[int] = set()
+    for index, item in enumerate(batch):
+        policy = item.seq.policy
+        if policy is None:
+            continue
+        end = query_starts[index] + item.num_tokens
+        if policy.query_window:
+            query_rows[index] = (end - min(item.num_tokens, policy.query_window), end)
+        if policy.needs_attention_sums:
+            column_sums.add(index)
+    if not query_rows and not column_sums:
+        return None
+    return AttentionCapture(query_rows, column_sums)
 
 
 class ModelRunner:
@@ -61,15 +92,16 @@ class ModelRunner:
             num_decodes=num_decodes,
             block_size=self.kv_cache.block_size,
             decode_groups=plan_decode_groups(context_lens[:num_decodes]),
+            capture=plan_capture(batch, query_starts),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids, pos, meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one step; returns logits [num_sampling_seqs, vocab] in batch order and the
-        final hidden states [num_sampling_seqs, hidden] of the tokens they were computed from.
+    def execute(self, batch: list[ScheduledSequence]) -> StepOutput:
+        """Run one step: logits and final hidden states of the sampled rows, and the
+        attention signals the batch's policies asked for.
 
         Advances every scheduled sequence's `num_computed_tokens` and `kv_len`.
         """
@@ -80,4 +112,4 @@ class ModelRunner:
             item.seq.kv_len += item.num_tokens
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         last_hidden = hidden.index_select(0, rows)
-        return self.model.compute_logits(last_hidden), last_hidden
+        return StepOutput(self.model.compute_logits(last_hidden), last_hidden, meta.capture)

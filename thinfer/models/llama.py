@@ -67,6 +67,8 @@ class Attention(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, k, angles)
+        if meta.capture is not None:
+            meta.capture.record_queries(q)
         store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
