@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from thinfer.bench.prompts import bench_prompts
 from thinfer.cli import main
@@ -96,3 +97,90 @@ def test_bench_bad_batch_sizes(tmp_path, capsys):
     argv = ["bench", "throughput", "--batch-sizes", "1,x", "--output-dir", str(tmp_path)]
     assert main(argv) == 2
     assert "--batch-sizes" in capsys.readouterr().err
+
+
+def _decode_curve(tmp_path, *extra):
+    argv = ["bench", "decode-curve", "--model", "tiny", "--load-format", "dummy"]
+    argv += ["--batch-size", "2", "--steps", "48", "--threads", "1"]
+    argv += ["--output-dir", str(tmp_path), *extra]
+    assert main(argv) == 0
+    data = _only(tmp_path, "decode_curve")
+    png = sorted(tmp_path.glob("decode_curve_*.png"))[0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["steps"] == 48 and data["batch_size"] == 2
+    for key in ("full", "method"):
+        series = data["runs"][key]["per_step"]
+        assert set(series) >= {"tokens_per_s", "kv_gb", "mean_kv_len", "max_kv_len", "gflops"}
+        assert all(len(values) == 48 for values in series.values())
+        assert all(rate > 0 for rate in series["tokens_per_s"])
+        assert all(g > a for g, a in zip(series["gflops"], series["attention_gflops"]))
+    full = data["runs"]["full"]["per_step"]
+    prompt = data["prompt_tokens"]
+    assert full["max_kv_len"] == [prompt + step for step in range(1, 49)]
+    return data
+
+
+def _check_bounded(data, budget):
+    full = data["runs"]["full"]["per_step"]
+    ours = data["runs"]["method"]["per_step"]
+    assert ours["kv_gb"][-1] < full["kv_gb"][-1]
+    assert ours["gflops"][-1] < full["gflops"][-1]
+    assert max(ours["max_kv_len"]) <= budget
+    assert data["runs"]["method"]["peak_kv_gb"] < data["runs"]["full"]["peak_kv_gb"]
+    last = data["summary"]["checkpoints"][-1]
+    assert [p["step"] for p in data["summary"]["checkpoints"]] == [12, 24, 36, 48]
+    assert last["ratio"]["kv_gb"] < 1 and last["ratio"]["tokens_per_s_smoothed"] > 0
+
+
+def test_bench_decode_curve_window(tmp_path):
+    data = _decode_curve(tmp_path, "--method", "window", "--budget", "24", "--window", "4")
+    assert data["kv_compression"] == {
+        "method": "window",
+        "budget": 24,
+        "window": 4,
+        "ratio": 0.3,
+        "trigger": "native",
+    }
+    assert data["predictor"] is None
+    _check_bounded(data, 24)
+    lens = data["runs"]["method"]["per_step"]["max_kv_len"]
+    assert lens[-12:] == [lens[-1]] * 12  # a full window stays the same size
+
+
+def test_bench_decode_curve_dynts_random_head(tmp_path):
+    data = _decode_curve(tmp_path, "--budget", "40", "--window", "8")
+    assert data["method"] == "dynts"
+    assert data["kv_compression"]["predictor"].startswith("random head (seed 0)")
+    _check_bounded(data, 40)
+    lens = data["runs"]["method"]["per_step"]["max_kv_len"]
+    assert any(b < a for a, b in zip(lens, lens[1:]))  # at least one eviction: a saw-tooth
+
+
+def test_decode_curve_flops_match_the_model():
+    from thinfer import LLM
+    from thinfer.bench.decode_curve import linear_flops, linear_params_per_layer, weight_bytes
+
+    llm = LLM(model="tiny", load_format="dummy", device="cpu", num_kv_blocks=4)
+    cfg = llm.model_config
+    model = llm.engine.model
+    params = sum(p.numel() for p in model.parameters())
+    assert weight_bytes(cfg, torch.float32) == 4 * params
+    matrices = [p for p in model.layers.parameters() if p.dim() == 2]
+    in_layers = sum(p.numel() for p in matrices)
+    assert linear_params_per_layer(cfg) * cfg.num_hidden_layers == in_layers
+    assert linear_flops(cfg, 3, 1) == 2 * (3 * in_layers + cfg.vocab_size * cfg.hidden_size)
+
+
+def test_bench_decode_curve_bad_arguments(tmp_path, capsys):
+    result = run_cli("bench", "decode-curve", "--steps", "0", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["thinfer: error: --steps must be >= 1, got 0"]
+    base = ["bench", "decode-curve", "--model", "tiny", "--load-format", "dummy"]
+    assert main([*base, "--budget", "8", "--output-dir", str(tmp_path)]) == 2
+    assert "window" in capsys.readouterr().err  # window 256 >= budget 8: CompressionConfig
+    assert main([*base, "--budget", "12", "--window", "2", "--output-dir", str(tmp_path)]) == 2
+    assert "must exceed the prompt + window" in capsys.readouterr().err
+    argv = [*base, "--method", "window", "--predictor", "x", "--output-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--predictor" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""`thinfer bench throughput|latency`: the benchmark sub-commands of the `thinfer` CLI."""
+"""`thinfer bench throughput|latency|decode-curve`: the `thinfer bench` sub-commands."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from typing import Any
 from thinfer.bench.report import DEFAULT_OUTPUT_DIR
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
     from thinfer.cli import add_model_args
 
     add_model_args(parser)
-    parser.add_argument(
-        "--peer",
-        default="hf",
-        choices=["hf", "none"],
-        help="compare with HF transformers on the same checkpoint (default), or not",
-    )
+    if peer:
+        parser.add_argument(
+            "--peer",
+            default="hf",
+            choices=["hf", "none"],
+            help="compare with HF transformers on the same checkpoint (default), or not",
+        )
     parser.add_argument(
         "--threads",
         type=int,
@@ -56,9 +57,55 @@ def _latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode_curve(args: argparse.Namespace) -> int:
+    from thinfer.bench.decode_curve import run_decode_curve
+
+    _set_threads(args)
+    run_decode_curve(args)
+    return 0
+
+
+def _add_decode_curve(kinds: Any) -> None:
+    from thinfer.compression.config import METHODS, TRIGGERS
+
+    dc = kinds.add_parser(
+        "decode-curve",
+        help="tokens/s, KV memory and GFLOPs per decoding step: full cache vs a method",
+        description="One batch of long greedy generations (EOS ignored), once with the full "
+        "KV cache and once with --method, in the same process; per decoding step: tokens/s, "
+        "KV GB, GFLOPs (attention + linear layers). --max-num-seqs is ignored; "
+        "--max-model-len and --num-kv-blocks default to what the full-cache run needs.",
+    )
+    _common(dc, peer=False)
+    dc.add_argument(
+        "--batch-size", type=int, default=4, help="sequences decoded together (default 4)"
+    )
+    dc.add_argument("--steps", type=int, default=2048, help="decoding steps (default 2048)")
+    dc.add_argument(
+        "--method",
+        default="dynts",
+        choices=[m for m in METHODS if m != "full"],
+        help="compared with the full cache (default dynts)",
+    )
+    dc.add_argument("--budget", type=int, default=1024, help="KV slots per sequence (default 1024)")
+    dc.add_argument(
+        "--window", type=int, default=256, help="recent tokens always kept (default 256)"
+    )
+    dc.add_argument(
+        "--ratio", type=float, default=0.3, help="share of older tokens kept (default 0.3)"
+    )
+    dc.add_argument("--trigger", default="native", choices=list(TRIGGERS), help="default native")
+    dc.add_argument(
+        "--predictor",
+        default=None,
+        help="DynTS head (safetensors); default: a seeded random head of the model's size",
+    )
+    dc.set_defaults(func=_decode_curve)
+
+
 def add_bench_parser(subparsers: Any) -> None:
-    """Add `bench` (with `throughput` and `latency`) to the `thinfer` sub-command parsers."""
-    bench = subparsers.add_parser("bench", help="benchmark thinfer against HF transformers")
+    """Add `bench` (throughput, latency, decode-curve) to the `thinfer` sub-commands."""
+    bench = subparsers.add_parser("bench", help="benchmarks: throughput, latency, decode curves")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = kinds.add_parser(
@@ -83,3 +130,5 @@ def add_bench_parser(subparsers: Any) -> None:
     lat.add_argument("--num-prompts", type=int, default=16)
     lat.add_argument("--max-tokens", type=int, default=64)
     lat.set_defaults(func=_latency, max_num_seqs=16)
+
+    _add_decode_curve(kinds)

@@ -8,6 +8,7 @@ import torch
 
 if TYPE_CHECKING:
     from thinfer.llm import LLM
+    from thinfer.loading.tokenizer import Tokenizer
 
 _PROMPTS: tuple[str, ...] = (
     "Explain in simple words why the sky looks blue on a clear afternoon.",
@@ -117,14 +118,18 @@ def bench_prompt_token_ids(llm: LLM, n: int) -> list[list[int]]:
     A model without a tokenizer (dummy preset) gets deterministic random ids, about 1.3 per
     word of each prompt, so the length spread stays the same.
     """
+    return tokenize_bench_prompts(llm.tokenizer, llm.model_config.vocab_size, n)
+
+
+def tokenize_bench_prompts(tokenizer: Tokenizer | None, vocab_size: int, n: int) -> list[list[int]]:
+    """`bench_prompts(n)` as token ids: by `tokenizer`, or deterministic random ids if None."""
     texts = bench_prompts(n)
-    if llm.tokenizer is not None:
-        return [llm.tokenizer.encode(text) for text in texts]
-    vocab = llm.model_config.vocab_size
-    low = min(3, vocab - 1)
+    if tokenizer is not None:
+        return [tokenizer.encode(text) for text in texts]
+    low = min(3, vocab_size - 1)
     gen = torch.Generator().manual_seed(1234)
     ids = []
     for text in texts:
         length = max(1, round(1.3 * len(text.split())))
-        ids.append(torch.randint(low, vocab, (length,), generator=gen).tolist())
+        ids.append(torch.randint(low, vocab_size, (length,), generator=gen).tolist())
     return ids

@@ -66,6 +66,28 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=[128001, 128009],
     ),
+    # Llama 3.1 8B, the shape of DeepSeek-R1-Distill-Llama-8B: 128K context (llama3 RoPE).
+    "llama-3.1-8b": ModelConfig(
+        architecture=_LLAMA,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=[128001, 128009],
+    ),
     "qwen2.5-7b": ModelConfig(
         vocab_size=152064,
         hidden_size=3584,
@@ -117,4 +139,5 @@ def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     cfg = PRESETS[name]
-    return replace(cfg, eos_token_ids=list(cfg.eos_token_ids))
+    scaling = dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None
+    return replace(cfg, eos_token_ids=list(cfg.eos_token_ids), rope_scaling=scaling)
