@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig, make_policy
 from thinfer.engine.sequence import Sequence
+from thinfer.models.rope import RotaryEmbedding, rotate
 
 
 def fake_seq(kv_len: int) -> Sequence:
@@ -74,6 +75,11 @@ def test_uniform_trigger_keeps_window_plus_ratio(budget, ratio, window, data):
         {"method": "window", "budget": 10, "ratio": 1.0},
         {"method": "window", "budget": 10, "trigger": "sometimes"},
         {"method": "window", "budget": 10, "colour": "red"},
+        {"method": "window", "budget": 10, "reassign_positions": True},
+        {"method": "snapkv", "budget": 8},  # observation window (8) must fit the budget
+        {"method": "rkv", "budget": 64, "pool_kernel": 4},
+        {"method": "rkv", "budget": 64, "interval": 0},
+        {"method": "h2o", "budget": 10, "redundancy_lambda": "high"},
     ],
 )
 def test_invalid_configs_are_rejected(bad):
@@ -186,3 +192,50 @@ def test_positions_stay_absolute_after_eviction(llm, english_prompts):
     ids, positions, _, _ = core.runner.prepare(core.scheduler.schedule())
     assert positions.tolist() == [seq.num_computed_tokens]
     assert torch.equal(ids, torch.tensor([seq.all_token_ids[-1]]))
+
+
+def test_rotations_compose():
+    rotary = llm_rotary()
+    keys = torch.randn(5, 3, rotary.cos.shape[-1])
+    at = rotary.angles(torch.tensor([7] * 5))
+    moved = rotate(rotate(keys, at), rotary.angles(torch.tensor([30])))
+    direct = rotate(keys, rotary.angles(torch.tensor([37] * 5)))
+    torch.testing.assert_close(moved, direct, atol=1e-5, rtol=1e-5)
+
+
+def llm_rotary() -> RotaryEmbedding:
+    return RotaryEmbedding(64, 256, 10000.0, None, torch.float32, torch.device("cpu"))
+
+
+def test_streamingllm_reassigned_positions_move_the_sinks(llm, english_prompts):
+    """With reassign_positions the sinks sit at their in-cache distance from the query: their
+    cached keys are the original ones rotated forward by the number of evicted tokens."""
+    budget, sinks = 16, 4
+    config = {"method": "streamingllm", "budget": budget, "sink_tokens": sinks}
+    results = {}
+    for reassign in (False, True):
+        core = with_engine(llm).engine
+        params = SamplingParams(
+            max_tokens=30,
+            temperature=0.0,
+            ignore_eos=True,
+            logprobs=1,
+            kv_compression={**config, "reassign_positions": reassign},
+        )
+        core.add_request(english_prompts[0], params)  # 5 prompt tokens, fewer than the budget
+        for _ in range(20):
+            core.step()
+        seq = core.scheduler.running[0]
+        results[reassign] = (seq, core.kv_cache.sequence_keys(seq)[:, :sinks].clone())
+        core.abort_request(seq.request_id)
+    (plain, plain_keys), (moved, moved_keys) = results[False], results[True]
+    shift = moved.num_computed_tokens - moved.kv_len
+    assert shift > 0
+    expected = rotate(plain_keys, llm.engine.model.rotary_emb.angles(torch.tensor([shift])))
+    torch.testing.assert_close(moved_keys, expected, atol=1e-5, rtol=1e-5)
+    # same tokens until the first eviction, different log-probabilities afterwards
+    first = budget - len(plain.prompt_token_ids)
+    plain_lp = [max(d.values()) for d in plain.logprobs]
+    moved_lp = [max(d.values()) for d in moved.logprobs]
+    assert plain_lp[:first] == moved_lp[:first]
+    assert plain_lp[first + 1 :] != moved_lp[first + 1 :]

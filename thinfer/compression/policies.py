@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from thinfer.engine.kv_cache import KVCache
     from thinfer.engine.sequence import Sequence
     from thinfer.loading.tokenizer import Tokenizer
+    from thinfer.models.rope import RotaryEmbedding
 
 
 class CompressionPolicy:
@@ -41,6 +42,9 @@ class CompressionPolicy:
 
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """See the final hidden state [hidden] of the token `seq` just fed (if needed)."""
+
+    def after_compact(self, seq: Sequence, cache: KVCache, rotary: RotaryEmbedding) -> None:
+        """Called after `cache.compact(seq, keep)` applied this policy's `select`."""
 
     def observe_attention(
         self, seq: Sequence, queries: torch.Tensor | None, column_sums: torch.Tensor | None
@@ -87,29 +91,9 @@ class WindowPolicy(CompressionPolicy):
         return torch.arange(kv_len - budget + 1, kv_len)
 
 
-class StreamingLLMPolicy(WindowPolicy):
-    """StreamingLLM: the first `sink_tokens` attention sinks plus the most recent tokens."""
-
-    def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
-        kv_len = seq.kv_len
-        budget, sinks = self.config.budget, self.config.sink_tokens
-        assert budget is not None
-        if kv_len < budget:
-            return None
-        if self.config.trigger == "uniform":
-            scores = torch.arange(kv_len - self.config.recent_window).float()
-            num_sinks = min(sinks, scores.numel())
-            # sinks outrank every other slot, the earliest sink first
-            scores[:num_sinks] = 2.0 * kv_len - torch.arange(num_sinks).float()
-            return self._uniform_keep(kv_len, scores)
-        recent = budget - 1 - sinks
-        return torch.cat([torch.arange(sinks), torch.arange(kv_len - recent, kv_len)])
-
-
 _POLICIES: dict[str, type[CompressionPolicy]] = {
     "full": CompressionPolicy,
     "window": WindowPolicy,
-    "streamingllm": StreamingLLMPolicy,
 }
 
 
@@ -121,6 +105,10 @@ def make_policy(
     SepLLM finds its separator token ids in `tokenizer`.
     """
     config = config or CompressionConfig()
+    if config.method == "streamingllm":
+        from thinfer.compression.streamingllm import StreamingLLMPolicy
+
+        return StreamingLLMPolicy(config)
     if config.method == "sepllm":
         from thinfer.compression.sepllm import SepLLMPolicy, separator_token_ids
 

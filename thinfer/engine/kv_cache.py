@@ -129,6 +129,18 @@ class KVCache:
         keys = self.storage[:, 0].index_select(1, table)  # [L, blocks, block_size, H, D]
         return keys.flatten(1, 2)[:, : seq.kv_len]
 
+    def write_keys(self, seq: Sequence, first_slot: int, keys: torch.Tensor) -> None:
+        """Overwrite the keys of slots [first_slot, first_slot + m) of every layer with keys
+        [layers, m, kv_heads, head_dim] (StreamingLLM re-rotates its sinks this way)."""
+        size = self.block_size
+        slots = [
+            seq.block_table[s // size] * size + s % size
+            for s in range(first_slot, first_slot + keys.shape[1])
+        ]
+        index = torch.tensor(slots, dtype=torch.long, device=self.storage.device)
+        flat = self.storage[:, 0].flatten(1, 2)  # [L, num_blocks * block_size, H, D] view
+        flat[:, index] = keys.to(self.storage.dtype)
+
     def compact(self, seq: Sequence, keep: torch.Tensor) -> None:
         """Keep only the slots `keep` of `seq`, moved to the front in order; free the rest.
 

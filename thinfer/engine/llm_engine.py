@@ -261,6 +261,7 @@ class LLMEngine:
         keep = seq.policy.select(seq, self.kv_cache)
         if keep is not None:
             self.kv_cache.compact(seq, keep)
+            seq.policy.after_compact(seq, self.kv_cache, self.model.rotary_emb)
 
     def _make_output(self, request: _Request, now: float) -> RequestOutput:
         outputs = []

@@ -72,8 +72,14 @@ def apply_rope(
     q: torch.Tensor, k: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hk, D] by precomputed (cos, sin) [T, 1, D]."""
+    return rotate(q, angles), rotate(k, angles)
+
+
+def rotate(x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x [..., D] by (cos, sin) broadcastable to it. Rotations compose: rotating a key
+    cached at position p by the angles of position s puts it at position p + s."""
     cos, sin = angles
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
