@@ -103,3 +103,24 @@ def test_per_head_methods_evict_different_tokens_per_head(llm, english_prompts):
     assert seq.kv_len == 23 and len(seq.block_table) == core.kv_cache.blocks_for(23)
     core.abort_request(seq.request_id)
     assert core.kv_cache.num_free_blocks == core.kv_cache.num_blocks
+
+
+def test_rkv_at_its_defaults_stays_within_budget_plus_128(llm, english_prompts):
+    core = with_engine(llm, num_kv_blocks=48, block_size=16).engine
+    budget = 40
+    params = SamplingParams(
+        max_tokens=300,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "rkv", "budget": budget},
+    )
+    for prompt in english_prompts[:2]:
+        core.add_request(prompt, params)
+    peak = 0
+    while core.has_unfinished_requests():
+        core.step()
+        for seq in core.scheduler.running:
+            peak = max(peak, seq.kv_len)
+            assert seq.kv_len <= budget + 128
+    assert budget + 64 < peak  # it did grow past the budget between compressions
+    assert core.kv_cache.num_free_blocks == 48
