@@ -1,0 +1,89 @@
+"""`create_app`: the FastAPI app of an OpenAI-compatible server over one `LLM`.
+
+Routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models` (behind the API key when one
+is set), `/health` and `/metrics` (Prometheus text). The app's lifespan starts the engine
+thread, and at shutdown aborts what is still running and stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from thinfer.server.async_engine import AsyncEngine
+from thinfer.server.errors import install_error_handlers
+from thinfer.server.metrics import CONTENT_TYPE, ServerMetrics
+from thinfer.server.openai_routes import ServerContext, build_router
+
+if TYPE_CHECKING:
+    from thinfer.llm import LLM
+
+DEFAULT_MAX_WAITING = 1024
+
+
+def create_app(
+    llm: LLM,
+    model_name: str,
+    api_key: str | None = None,
+    max_waiting: int | None = DEFAULT_MAX_WAITING,
+) -> FastAPI:
+    """An app serving `llm` as `model_name`.
+
+    `api_key`: when set, `/v1/*` needs `Authorization: Bearer <api_key>` (else 401).
+    `max_waiting`: bound on requests waiting for admission (beyond it: 429); None: unbounded.
+    The engine (`app.state.engine`, an `AsyncEngine`) runs while the app's lifespan runs.
+    """
+    if max_waiting is not None and max_waiting < 1:
+        raise ValueError(f"max_waiting must be >= 1 or None, got {max_waiting}")
+    metrics = ServerMetrics(model_name, lambda: engine.stats)  # read at scrape time
+    engine = AsyncEngine(llm.engine, max_waiting, metrics.on_output)
+    tokenizer = llm.tokenizer
+
+    @functools.lru_cache(maxsize=65536)
+    def token_text(token_id: int) -> str:
+        if tokenizer is None:
+            return f"<{token_id}>"
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    ctx = ServerContext(
+        engine=engine,
+        model_name=model_name,
+        max_model_len=llm.max_model_len,
+        token_text=token_text,
+        api_key=api_key,
+        created=int(time.time()),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(grace=0.0)
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="thinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(build_router(ctx))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_alive and engine.accepting:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
