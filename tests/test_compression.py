@@ -80,6 +80,8 @@ def test_uniform_trigger_keeps_window_plus_ratio(budget, ratio, window, data):
         {"method": "rkv", "budget": 64, "pool_kernel": 4},
         {"method": "rkv", "budget": 64, "interval": 0},
         {"method": "h2o", "budget": 10, "redundancy_lambda": "high"},
+        {"method": "window", "budget": 10, "window": "x"},
+        {"method": "streamingllm", "budget": 10, "reassign_positions": "yes"},
     ],
 )
 def test_invalid_configs_are_rejected(bad):

@@ -133,3 +133,8 @@ def test_bad_predictor_files(tmp_path, llm, english_prompts):
     )
     with pytest.raises(ValueError, match="hidden size 32"):
         with_engine(llm).generate(english_prompts[0], params)
+    core = with_engine(llm).engine
+    core.add_request(english_prompts[1], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="kv_compression.predictor"):
+        core.add_request(english_prompts[0], params)  # refused at admission, not in a step
+    assert len([o for _ in range(5) for o in core.step() if o.finished]) == 1

@@ -125,3 +125,12 @@ def test_cli_bad_input_exits_2_with_one_line(args, message):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_tiny_temperature_is_greedy(llm, english_prompts):
+    """Dividing logits by a temperature near 0 would overflow them; vLLM's rule applies."""
+    tiny = SamplingParams(temperature=1e-300, max_tokens=8, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert tiny.greedy
+    out = llm.generate(english_prompts[0], tiny)[0].outputs[0].token_ids
+    assert out == llm.generate(english_prompts[0], greedy)[0].outputs[0].token_ids

@@ -7,6 +7,8 @@ from typing import Any
 
 from thinfer.compression.config import CompressionConfig
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -98,8 +100,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when decoding takes the argmax token."""
-        return self.temperature == 0.0
+        """True when decoding takes the argmax token: temperature below `GREEDY_BELOW`
+        (as in vLLM; dividing logits by a tinier temperature would overflow them)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_number(value: object) -> bool:

@@ -82,6 +82,27 @@ def paged_attention(
     return out
 
 
+def _gather_decode_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values [B, Hkv, S, D] of each sequence's blocks (S padded to whole blocks)
+    and the mask [B, S] of slots below each context length."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    batch = block_tables.shape[0]
+    num_blocks = (max_context_len + block_size - 1) // block_size
+    # index_select on the flat table is ~3x faster on CPU than advanced indexing.
+    tables = block_tables[:, :num_blocks].reshape(-1)
+    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
+    slots = torch.arange(keys.shape[2], device=k_cache.device)
+    valid = slots[None, :] < context_lens[:, None]
+    return keys, values.transpose(1, 2), valid
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -92,16 +113,9 @@ def decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], attending to its first context_lens[b] slots."""
-    batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_blocks = (max_context_len + block_size - 1) // block_size
-    # index_select on the flat table is ~3x faster on CPU than advanced indexing.
-    tables = block_tables[:, :num_blocks].reshape(-1)
-    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
-    values = values.transpose(1, 2)
-    slots = torch.arange(keys.shape[2], device=q.device)
-    valid = slots[None, :] < context_lens[:, None]
+    keys, values, valid = _gather_decode_kv(
+        k_cache, v_cache, block_tables, context_lens, max_context_len
+    )
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],
         keys,
@@ -125,17 +139,12 @@ def decode_attention_with_probs(
     """`decode_attention` computed explicitly, also returning the probabilities
     [B, Hq, S] (zero beyond each context length) that H2O accumulates."""
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    num_blocks = (max_context_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks].reshape(-1)
-    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
-    values = values.transpose(1, 2)
-    grouped = q.view(batch, num_kv_heads, group, head_dim).float()
+    keys, values, valid = _gather_decode_kv(
+        k_cache, v_cache, block_tables, context_lens, max_context_len
+    )
+    num_kv_heads = keys.shape[1]
+    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
     logits = torch.matmul(grouped, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]
-    slots = torch.arange(keys.shape[2], device=q.device)
-    valid = slots[None, :] < context_lens[:, None]
     logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs, values.float()).to(q.dtype)  # [B, Hkv, G, D]

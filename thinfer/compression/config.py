@@ -37,6 +37,7 @@ class CompressionConfig:
     reassign_positions: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.method not in METHODS:
             raise ValueError(
                 f"kv_compression.method: unknown {self.method!r}; available: {', '.join(METHODS)}"
@@ -60,10 +61,6 @@ class CompressionConfig:
             raise ValueError(
                 f"kv_compression.window must be in [0, budget={self.budget}), got {self.window!r}"
             )
-        for name in ("ratio", "redundancy_lambda", "redundancy_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"kv_compression.{name} must be a number, got {value!r}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"kv_compression.ratio must be in [0, 1), got {self.ratio!r}")
         if self.separators is not None and not 0 <= self.separators < self.budget:
@@ -77,6 +74,31 @@ class CompressionConfig:
             raise ValueError(
                 f"kv_compression.sink_tokens must be in [0, budget), got {self.sink_tokens!r}"
             )
+
+    def _check_types(self) -> None:
+        """Wrong types raise ValueError naming the field (never a TypeError later)."""
+        expected: dict[str, tuple[type, ...]] = {
+            "method": (str,),
+            "trigger": (str,),
+            "budget": (int, type(None)),
+            "window": (int, type(None)),
+            "sink_tokens": (int,),
+            "separators": (int, type(None)),
+            "interval": (int,),
+            "observation_window": (int,),
+            "pool_kernel": (int,),
+            "predictor": (str, type(None)),
+            "reassign_positions": (bool,),
+            "ratio": (int, float),
+            "redundancy_lambda": (int, float),
+            "redundancy_threshold": (int, float),
+        }
+        for name, types in expected.items():
+            value = getattr(self, name)
+            is_bool = isinstance(value, bool)
+            if not isinstance(value, types) or (is_bool and bool not in types):
+                kinds = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                raise ValueError(f"kv_compression.{name} must be {kinds}, got {value!r}")
 
     def _check_per_head_fields(self) -> None:
         limit = self.budget if self.method in ("snapkv", "rkv") else float("inf")

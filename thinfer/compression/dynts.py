@@ -37,18 +37,25 @@ class DynTSPolicy(CompressionPolicy):
         self.answer_from: int | None = None  # position of the first think-end marker token
         self._predictor: ImportancePredictor | None = None
 
+    def prepare(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Load the configured head (cached per path) and check it fits the model."""
+        assert self.config.predictor is not None
+        try:
+            predictor = load_predictor(self.config.predictor, dtype, str(device))
+        except ValueError as e:
+            raise ValueError(f"kv_compression.predictor: {e}") from e
+        if predictor.hidden_size != hidden_size:
+            raise ValueError(
+                f"kv_compression.predictor: the DynTS head expects hidden size "
+                f"{predictor.hidden_size}, the model has {hidden_size}"
+            )
+        self._predictor = predictor
+
     def predictor_for(self, hidden: torch.Tensor) -> ImportancePredictor:
         """The configured head, on the hidden states' dtype and device."""
         if self._predictor is None:
-            assert self.config.predictor is not None
-            self._predictor = load_predictor(
-                self.config.predictor, hidden.dtype, str(hidden.device)
-            )
-            if self._predictor.hidden_size != hidden.shape[-1]:
-                raise ValueError(
-                    f"DynTS predictor expects hidden size {self._predictor.hidden_size}, "
-                    f"the model has {hidden.shape[-1]}"
-                )
+            self.prepare(hidden.shape[-1], hidden.dtype, hidden.device)
+        assert self._predictor is not None
         return self._predictor
 
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:

@@ -43,6 +43,10 @@ class CompressionPolicy:
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """See the final hidden state [hidden] of the token `seq` just fed (if needed)."""
 
+    def prepare(self, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Load and check what the policy needs from the model's side (before admission, so
+        a bad file fails its own request, never a running batch)."""
+
     def after_compact(self, seq: Sequence, cache: KVCache, rotary: RotaryEmbedding) -> None:
         """Called after `cache.compact(seq, keep)` applied this policy's `select`."""
 

