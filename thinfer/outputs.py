@@ -18,6 +18,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    forced_logprobs: list[float] | None = None  # replay: log-prob of each forced token
 
     @property
     def finished(self) -> bool:

@@ -39,6 +39,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     kv_compression: CompressionConfig | dict[str, Any] | None = None
+    forced_tokens: list[int] = field(default_factory=list)  # replay: the first output tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -90,6 +91,17 @@ class SamplingParams:
         )
         _check(
             all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings"
+        )
+        self.forced_tokens = list(self.forced_tokens or [])
+        _check(
+            all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                for t in self.forced_tokens
+            )
+            and len(self.forced_tokens) <= self.max_tokens,
+            "forced_tokens",
+            f"{len(self.forced_tokens)} tokens",
+            "non-negative token ids, at most max_tokens of them",
         )
         _check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

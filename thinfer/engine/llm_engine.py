@@ -17,9 +17,10 @@ from thinfer.attention.capture import AttentionCapture
 from thinfer.compression import CompressionConfig, CompressionPolicy, make_policy
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
+from thinfer.engine.forcing import choose_tokens
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.runner import ModelRunner
-from thinfer.engine.sampler import SamplingRow, sample
+from thinfer.engine.sampler import SamplingRow
 from thinfer.engine.scheduler import ScheduledSequence, Scheduler
 from thinfer.engine.sequence import Sequence
 from thinfer.engine.stopping import append_text, check_stop, start_detokenizer
@@ -106,6 +107,9 @@ class LLMEngine:
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.max_model_len} tokens"
             )
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.forced_tokens):
+            raise ValueError(f"forced_tokens: token ids must be below the vocabulary size {vocab}")
         capacity = self.kv_cache.capacity_tokens
         policy = self._policy_for(params)
         weight = next(self.model.parameters())
@@ -193,7 +197,7 @@ class LLMEngine:
             self._observe_attention(batch, capture)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
-        sampled = sample(logits, rows)
+        sampled = choose_tokens(logits, sampling, rows)
         now = time.monotonic()
         touched: dict[str, _Request] = {}
         for row, (seq, token) in enumerate(zip(sampling, sampled, strict=True)):
@@ -285,6 +289,7 @@ class LLMEngine:
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                     delta_text=visible[chars:],
                     delta_token_ids=seq.output_token_ids[tokens:],
+                    forced_logprobs=list(seq.forced_logprobs) if seq.params.forced_tokens else None,
                 )
             )
         finished = all(seq.finish_reason is not None for seq in request.seqs)

@@ -59,6 +59,7 @@ class Sequence:
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
     policy: CompressionPolicy | None = None
+    forced_logprobs: list[float] = field(default_factory=list)  # of params.forced_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

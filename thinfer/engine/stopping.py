@@ -36,12 +36,13 @@ def append_text(seq: Sequence, tokenizer: Tokenizer) -> str:
 def check_stop(seq: Sequence, new_text: str, eos_token_ids: set[int], max_model_len: int) -> None:
     """Set `finish_reason` ("stop" or "length") if the newest token ends the sequence.
 
-    A matched stop string is cut from the text, together with anything after it.
+    A matched stop string is cut from the text, together with anything after it. Forced
+    (replayed) tokens never stop a sequence, except by reaching max_tokens.
     """
     params = seq.params
     token = seq.output_token_ids[-1]
     num_out = len(seq.output_token_ids)
-    if num_out >= params.min_tokens:
+    if num_out >= params.min_tokens and num_out > len(params.forced_tokens):
         if not params.ignore_eos and token in eos_token_ids:
             seq.finish_reason = "stop"
             return

@@ -1,0 +1,47 @@
+"""Forced tokens (trace replay): a request may dictate its first output tokens.
+
+`SamplingParams.forced_tokens` are fed one per decoding step through the ordinary decode
+path, with the request's compression policy active, exactly as if the model had sampled
+them; what the model thought of each one (its log-probability under the raw logits) is
+recorded. Afterwards the sequence samples as usual. Stop conditions are not checked while a
+forced token is being appended, so a trace containing EOS or a stop string replays whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thinfer.engine.sampler import SampledToken, SamplingRow, sample
+from thinfer.engine.sequence import Sequence
+
+
+def is_forcing(seq: Sequence) -> bool:
+    """True while `seq`'s next output token is dictated by its params."""
+    return len(seq.output_token_ids) < len(seq.params.forced_tokens)
+
+
+def choose_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]
+) -> list[SampledToken]:
+    """One token per sampling row: the forced one where a sequence is replaying (with its
+    log-probability), a sampled one elsewhere (only those rows reach the sampler)."""
+    forced = [i for i, seq in enumerate(seqs) if is_forcing(seq)]
+    if not forced:
+        return sample(logits, rows)
+    forced_set = set(forced)
+    free = [i for i in range(len(seqs)) if i not in forced_set]
+    chosen: list[SampledToken | None] = [None] * len(seqs)
+    if free:
+        picked = sample(logits[free], [rows[i] for i in free])
+        for i, token in zip(free, picked, strict=True):
+            chosen[i] = token
+    index = torch.tensor(forced, device=logits.device)
+    log_probs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    for row, i in enumerate(forced):
+        seq = seqs[i]
+        token = seq.params.forced_tokens[len(seq.output_token_ids)]
+        logprob = float(log_probs[row, token])
+        seq.forced_logprobs.append(logprob)
+        top = {token: logprob} if seq.params.logprobs is not None else None
+        chosen[i] = SampledToken(token, logprob, top)
+    return [token for token in chosen if token is not None]
