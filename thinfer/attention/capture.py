@@ -2,9 +2,10 @@
 
 H2O needs, per KV head, the attention probability every cached key received from this
 step's queries (column sums); SnapKV and R-KV need the most recent rotated queries of each
-layer. Both are by-products of attention that a step computes anyway, so they are taken from
-it instead of materialising full attention matrices later. A step without such sequences
-carries no capture and pays nothing.
+layer; DynTS labels need column sums over only the answer's queries, without each query's
+attention to itself. All are by-products of attention that a step computes anyway, so they
+are taken from it instead of materialising full attention matrices later. A step without
+such sequences carries no capture and pays nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ class AttentionCapture:
     """What to keep from one step's attention, and what was kept (one entry per layer).
 
     Layers run in order, so the i-th tensor recorded for a sequence belongs to layer i.
+    Column sums count every query of the step unless `column_sum_from` names, for a batch
+    index, the first query slot that counts (the query written to cache slot s counts when
+    s >= that slot; slots are absolute positions while nothing was evicted). With
+    `exclude_self`, the probability a query gives its own key is left out of the sums.
     """
 
-    def __init__(self, query_rows: dict[int, tuple[int, int]], column_sum_seqs: set[int]) -> None:
+    def __init__(
+        self,
+        query_rows: dict[int, tuple[int, int]],
+        column_sum_seqs: set[int],
+        column_sum_from: dict[int, int] | None = None,
+        exclude_self: bool = False,
+    ) -> None:
         self.query_rows = query_rows  # batch index -> [start, end) rows of the flat batch
         self.column_sum_seqs = column_sum_seqs  # batch indices whose column sums are wanted
+        self.column_sum_from = column_sum_from or {}  # batch index -> first query slot counted
+        self.exclude_self = exclude_self
         self._queries: dict[int, list[torch.Tensor]] = {i: [] for i in query_rows}
         self._column_sums: dict[int, list[torch.Tensor]] = {i: [] for i in column_sum_seqs}
 
@@ -32,6 +45,11 @@ class AttentionCapture:
     def wants_column_sums(self, index: int) -> bool:
         """True when batch entry `index` needs the column sums of its attention."""
         return index in self.column_sum_seqs
+
+    def first_counted_slot(self, index: int) -> int:
+        """The first query slot of batch entry `index` whose attention enters its column
+        sums (0: all of them)."""
+        return self.column_sum_from.get(index, 0)
 
     def add_column_sums(self, index: int, sums: torch.Tensor) -> None:
         """Record one layer's column sums [Hkv, context] for batch entry `index`."""

@@ -69,7 +69,12 @@ def paged_attention(
             continue
         out[start:end], probs = decode_attention_with_probs(*args)
         for i in wanted:
-            column = probs[i - start, :, : meta.context_lens_list[i]]
+            column = decode_column_sums(
+                probs[i - start],
+                meta.context_lens_list[i],
+                capture.first_counted_slot(i),  # type: ignore[union-attr]
+                capture.exclude_self,  # type: ignore[union-attr]
+            )
             capture.add_column_sums(i, sum_query_groups(column, num_kv_heads))  # type: ignore[union-attr]
     for i in range(meta.num_decodes, meta.num_seqs):
         start, n = meta.query_starts_list[i], meta.query_lens_list[i]
@@ -77,7 +82,13 @@ def paged_attention(
         values = gather_kv(v_cache, meta.block_tables[i], meta.context_lens_list[i])
         out[start : start + n] = prefill_attention(q[start : start + n], keys, values, scale)
         if capture is not None and capture.wants_column_sums(i):
-            sums = prefill_column_sums(q[start : start + n], keys, scale)
+            sums = prefill_column_sums(
+                q[start : start + n],
+                keys,
+                scale,
+                capture.first_counted_slot(i),
+                capture.exclude_self,
+            )
             capture.add_column_sums(i, sum_query_groups(sums, num_kv_heads))
     return out
 
@@ -151,23 +162,50 @@ def decode_attention_with_probs(
     return out.view(batch, num_heads, head_dim), probs.view(batch, num_heads, -1)
 
 
-def prefill_column_sums(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_column_sums(
+    probs: torch.Tensor, context_len: int, first_counted_slot: int = 0, exclude_self: bool = False
+) -> torch.Tensor:
+    """One decode query's probabilities [Hq, S] as column sums [Hq, context_len]: zero when
+    its slot (context_len - 1) is below `first_counted_slot`; its own column zeroed with
+    `exclude_self`."""
+    column = probs[:, :context_len]
+    if context_len - 1 < first_counted_slot:
+        return torch.zeros_like(column)
+    if exclude_self:
+        column = column.clone()
+        column[:, context_len - 1] = 0
+    return column
+
+
+def prefill_column_sums(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    scale: float,
+    first_counted_slot: int = 0,
+    exclude_self: bool = False,
+) -> torch.Tensor:
     """Attention probability each key receives, summed over the n new queries: [Hq, c].
 
-    Same causal alignment as `prefill_attention`; computed COLUMN_SUM_CHUNK queries at a
-    time so a long prompt never needs its whole n x c matrix at once.
+    Same causal alignment as `prefill_attention` (query i sits in slot c - n + i). Only
+    queries in slots >= `first_counted_slot` count; with `exclude_self` the probability a
+    query gives its own key is left out (after the softmax, so the others are unchanged).
+    Computed COLUMN_SUM_CHUNK queries at a time so a long prompt never needs its whole
+    n x c matrix at once.
     """
     n, c = q.shape[0], keys.shape[0]
     group = q.shape[1] // keys.shape[1]
     keys_per_head = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, c, D]
     sums = torch.zeros(q.shape[1], c, dtype=torch.float32, device=q.device)
     columns = torch.arange(c, device=q.device)
-    for first in range(0, n, COLUMN_SUM_CHUNK):
-        chunk = q[first : first + COLUMN_SUM_CHUNK].float().transpose(0, 1)  # [Hq, m, D]
-        query_slots = torch.arange(c - n + first, c - n + first + chunk.shape[1], device=q.device)
+    for row in range(max(0, first_counted_slot - (c - n)), n, COLUMN_SUM_CHUNK):
+        chunk = q[row : row + COLUMN_SUM_CHUNK].float().transpose(0, 1)  # [Hq, m, D]
+        query_slots = torch.arange(c - n + row, c - n + row + chunk.shape[1], device=q.device)
         logits = torch.matmul(chunk, keys_per_head.transpose(-1, -2)) * scale  # [Hq, m, c]
         logits.masked_fill_(columns[None, :] > query_slots[:, None], float("-inf"))
-        sums += torch.softmax(logits, dim=-1).sum(1)
+        probs = torch.softmax(logits, dim=-1)
+        if exclude_self:
+            probs[:, torch.arange(chunk.shape[1], device=q.device), query_slots] = 0
+        sums += probs.sum(1)
     return sums
 
 
