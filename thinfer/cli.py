@@ -1,4 +1,4 @@
-"""`thinfer` command line: generate, bench, eval, serve.
+"""`thinfer` command line: generate, bench, eval, serve, dynts.
 
 Bad input (invalid parameters, unknown model, malformed files) exits with status 2 and one
 line on stderr.
@@ -184,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
     from thinfer.bench.cli import add_bench_parser
+    from thinfer.dynts.cli import add_dynts_parser
     from thinfer.eval.cli import add_eval_parser
     from thinfer.server.serve import add_serve_parser
 
     add_bench_parser(sub)
+    add_dynts_parser(sub)
     add_eval_parser(sub)
     add_serve_parser(sub)
     return parser

@@ -1,4 +1,5 @@
-"""DynTS: the learned importance predictor (training lives here in a later step)."""
+"""DynTS: the learned importance predictor, its labels (features.py, label.py) and training
+(train.py); `thinfer dynts` commands in cli.py."""
 
 from thinfer.dynts.predictor import ImportancePredictor, load_predictor, save_predictor
 
