@@ -138,3 +138,12 @@ def test_bad_predictor_files(tmp_path, llm, english_prompts):
     with pytest.raises(ValueError, match="kv_compression.predictor"):
         core.add_request(english_prompts[0], params)  # refused at admission, not in a step
     assert len([o for _ in range(5) for o in core.step() if o.finished]) == 1
+
+
+def test_peak_slots_cover_what_can_never_be_evicted():
+    config = dict(method="dynts", budget=64, window=16, predictor="head.safetensors")
+    thinking_only = make_policy(CompressionConfig(**config))
+    assert thinking_only.peak_slots(prompt_len=20, max_tokens=1000) == 64
+    assert thinking_only.peak_slots(prompt_len=60, max_tokens=1000) == 60 + 16 + 1
+    with_marker = make_policy(CompressionConfig(**config, think_end_token_ids=(7,)))
+    assert with_marker.peak_slots(prompt_len=20, max_tokens=1000) == 1020  # answer unbounded

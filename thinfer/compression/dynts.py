@@ -90,6 +90,17 @@ class DynTSPolicy(CompressionPolicy):
     def _is_answer(self, position: int) -> bool:
         return self.answer_from is not None and position >= self.answer_from
 
+    def peak_slots(self, prompt_len: int, max_tokens: int) -> int:
+        """The prompt is never evicted and the W most recent tokens always stay, so the cache
+        can sit at prompt + W + 1 even when that exceeds B. Answer tokens are never evicted
+        either, and an answer's length is unknown: with a think-end marker configured,
+        admission counts the full length (memory is still freed while the request runs)."""
+        full = prompt_len + max_tokens
+        if self.config.think_end_token_ids:
+            return full
+        assert self.config.budget is not None
+        return min(full, max(self.config.budget, prompt_len + self.config.recent_window + 1))
+
     def select(self, seq: Sequence, cache: KVCache | None = None) -> torch.Tensor | None:
         budget = self.config.budget
         assert budget is not None and len(self.scores) == seq.kv_len

@@ -58,7 +58,7 @@ class Trace:
 def think_end_ids(tokenizer: Tokenizer, marker: str = DEFAULT_THINK_END) -> list[int]:
     """Token ids of the think-end marker for this tokenizer (a special token or a few
     ordinary ones)."""
-    ids = tokenizer.encode(marker)
+    ids = tokenizer.encode(marker, add_special_tokens=False)
     if not ids:
         raise ValueError(f"the think-end marker {marker!r} encodes to no tokens")
     return ids

@@ -1,0 +1,27 @@
+"""The proxy reasoning task: well-formed traces whose answer needs a critical step."""
+
+from __future__ import annotations
+
+from thinfer.dynts.proxy import is_correct, make_problems
+from thinfer.dynts.traces import read_traces, think_end_ids, write_traces
+
+
+def test_problems_are_well_formed_and_reproducible(llm, tmp_path):
+    tok = llm.tokenizer
+    problems = make_problems(tok, 5, seed=3, num_facts=3, num_steps=20)
+    again = make_problems(tok, 5, seed=3, num_facts=3, num_steps=20)
+    assert [p.trace for p in problems] == [p.trace for p in again]
+    marker = think_end_ids(tok)
+    for p in problems:
+        completion = p.trace.completion_token_ids
+        text = tok.decode(completion)
+        assert text.count("so the code of") == 3
+        prefix = tok.decode(completion[: p.answer_prefix_end])
+        assert prefix.endswith(" is") and "</think>" in prefix
+        assert f"the code of {prefix.split('The code of ')[-1][:-3]} is {p.answer}." in text
+        start = p.trace.answer_start(marker)
+        assert start is not None and start < len(p.trace.prompt_token_ids) + p.answer_prefix_end
+        assert is_correct(p, f" {p.answer}.\n") and not is_correct(p, " 1000.")
+    path = tmp_path / "traces.jsonl"
+    write_traces(str(path), [p.trace for p in problems])
+    assert read_traces(str(path)) == [p.trace for p in problems]
