@@ -25,3 +25,26 @@ def test_problems_are_well_formed_and_reproducible(llm, tmp_path):
     path = tmp_path / "traces.jsonl"
     write_traces(str(path), [p.trace for p in problems])
     assert read_traces(str(path)) == [p.trace for p in problems]
+
+
+def test_proxy_eval_replays_and_grades(llm):
+    from thinfer.dynts.proxy_eval import run_method
+
+    problems = make_problems(llm.tokenizer, 2, seed=5, num_facts=2, num_steps=6)
+    full = run_method(llm, problems, None)
+    window = run_method(llm, problems, {"method": "window", "budget": 24})
+    lengths = [len(p.trace.prompt_token_ids) + p.answer_prefix_end for p in problems]
+    assert full["max_peak_kv"] >= max(lengths) - 1  # the whole replayed trace was cached
+    assert window["max_peak_kv"] <= max(len(p.trace.prompt_token_ids) for p in problems) + 24
+    for result in (full, window):
+        assert 0.0 <= result["accuracy"] <= 1.0 and len(result["answers"]) == 2
+        assert result["correct"] == [is_correct(p, a) for p, a in zip(problems, result["answers"])]
+
+
+def test_proxy_cli_bad_input(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("dynts", "proxy-traces", "--output", str(tmp_path / "t.jsonl"), "--count", "0")
+    assert result.returncode == 2 and "--count" in result.stderr
+    result = run_cli("dynts", "proxy-eval", "--methods", "full,dynts", "--count", "2")
+    assert result.returncode == 2 and "--predictor" in result.stderr

@@ -1,4 +1,4 @@
-"""`thinfer dynts label|train`: the `thinfer dynts` sub-commands.
+"""`thinfer dynts proxy-traces|label|train`: the `thinfer dynts` sub-commands.
 
 Each sub-command is added by its own `add_*_command(commands)` function, listed in
 `SUBCOMMANDS`; a new one is a function taking the group's sub-parsers plus one entry there.
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from thinfer.dynts.features import DEFAULT_CHUNK
+from thinfer.dynts.proxy_cli import add_proxy_eval_command, add_proxy_traces_command
 from thinfer.dynts.traces import DEFAULT_THINK_END
 
 
@@ -153,7 +154,12 @@ def add_train_command(commands: Any) -> None:
     p.set_defaults(func=_train)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_label_command, add_train_command]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_proxy_traces_command,
+    add_label_command,
+    add_train_command,
+    add_proxy_eval_command,
+]
 
 
 def add_dynts_parser(subparsers: Any) -> None:
