@@ -103,7 +103,8 @@ def run_proxy_eval(args: argparse.Namespace) -> dict[str, Any]:
         "predictor": args.predictor,
         "methods": results,
     }
-    write_result(f"dynts_proxy_accuracy_b{args.budget}", record, _plot(record), args.output_dir)
+    name = f"dynts_proxy_accuracy_{args.trigger}_b{args.budget}"
+    write_result(name, record, _plot(record), args.output_dir)
     return record
 
 
