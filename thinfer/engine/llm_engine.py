@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thinfer.attention.capture import AttentionCapture
 from thinfer.compression import CompressionConfig, CompressionPolicy, make_policy
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
 from thinfer.engine.forcing import choose_tokens
 from thinfer.engine.kv_cache import KVCache
-from thinfer.engine.runner import ModelRunner
+from thinfer.engine.runner import ModelRunner, deliver_signals
 from thinfer.engine.sampler import SamplingRow
-from thinfer.engine.scheduler import ScheduledSequence, Scheduler
+from thinfer.engine.scheduler import Scheduler
 from thinfer.engine.sequence import Sequence
 from thinfer.engine.stopping import append_text, check_stop, start_detokenizer
 from thinfer.engine.telemetry import StepStats
@@ -194,7 +193,7 @@ class LLMEngine:
         kv_before = [item.seq.kv_len for item in batch]
         logits, hidden, capture = self.runner.execute(batch)
         if capture is not None:
-            self._observe_attention(batch, capture)
+            deliver_signals(batch, capture)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
         sampled = choose_tokens(logits, sampling, rows)
@@ -217,16 +216,6 @@ class LLMEngine:
             self.model_config,
         )
         return outputs
-
-    @staticmethod
-    def _observe_attention(batch: list[ScheduledSequence], capture: AttentionCapture) -> None:
-        """Hand each policy the attention signals it asked for (every scheduled chunk)."""
-        for index, item in enumerate(batch):
-            policy = item.seq.policy
-            if policy is not None and (policy.query_window or policy.needs_attention_sums):
-                policy.observe_attention(
-                    item.seq, capture.queries(index), capture.column_sums(index)
-                )
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         params = seq.params

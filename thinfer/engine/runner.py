@@ -41,6 +41,14 @@ def plan_capture(
     return AttentionCapture(query_rows, column_sums)
 
 
+def deliver_signals(batch: list[ScheduledSequence], capture: AttentionCapture) -> None:
+    """Hand each policy the attention signals `plan_capture` collected for it."""
+    for index, item in enumerate(batch):
+        policy = item.seq.policy
+        if policy is not None and (policy.query_window or policy.needs_attention_sums):
+            policy.observe_attention(item.seq, capture.queries(index), capture.column_sums(index))
+
+
 class ModelRunner:
     """Owns the model and the cache tensors; one `execute` call per engine step."""
 
