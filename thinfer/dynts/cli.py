@@ -1,4 +1,4 @@
-"""`thinfer dynts proxy-traces|label|train`: the `thinfer dynts` sub-commands.
+"""`thinfer dynts traces|proxy-traces|label|train|proxy-eval`: the `thinfer dynts` sub-commands.
 
 Each sub-command is added by its own `add_*_command(commands)` function, listed in
 `SUBCOMMANDS`; a new one is a function taking the group's sub-parsers plus one entry there.
@@ -14,6 +14,7 @@ from typing import Any
 from thinfer.dynts.features import DEFAULT_CHUNK
 from thinfer.dynts.proxy_cli import add_proxy_eval_command, add_proxy_traces_command
 from thinfer.dynts.traces import DEFAULT_THINK_END
+from thinfer.dynts.traces_cli import add_traces_command
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -155,6 +156,7 @@ def add_train_command(commands: Any) -> None:
 
 
 SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_traces_command,
     add_proxy_traces_command,
     add_label_command,
     add_train_command,

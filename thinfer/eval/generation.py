@@ -78,6 +78,7 @@ def generate_with_peaks(
                     num_tokens=len(c.token_ids),
                     finish_reason=c.finish_reason,
                     peak_kv=peaks[by_request[(request_id, c.index)]],
+                    token_ids=list(c.token_ids),
                 )
                 for c in out.outputs
             ]

@@ -72,6 +72,19 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         methods = parse_methods(args.methods)
     if not isinstance(args.budget, int) or args.budget < 2:
         raise ValueError(f"--budget must be an integer >= 2, got {args.budget}")
+    validate_sampling(args)
+    if "dynts" in methods:
+        if not args.predictor:
+            raise ValueError("--methods includes dynts, which needs --predictor head.safetensors")
+        if not os.path.isfile(args.predictor):
+            raise ValueError(f"--predictor: no such file {args.predictor}")
+    for method in methods:
+        CompressionConfig.coerce(compression_for(method, args, [0]))
+    return methods
+
+
+def validate_sampling(args: argparse.Namespace) -> None:
+    """Check the sampling and grading options shared with `thinfer dynts traces`."""
     for name in ("samples", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -79,20 +92,12 @@ def validate_args(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     if args.timeout <= 0:
         raise ValueError(f"--answer-timeout must be > 0, got {args.timeout}")
-    if "dynts" in methods:
-        if not args.predictor:
-            raise ValueError("--methods includes dynts, which needs --predictor head.safetensors")
-        if not os.path.isfile(args.predictor):
-            raise ValueError(f"--predictor: no such file {args.predictor}")
     if args.answer_pattern is not None:
         try:
             re.compile(args.answer_pattern)
         except re.error as e:
             raise ValueError(f"--answer-pattern is not a valid regex: {e}") from e
-    for method in methods:
-        CompressionConfig.coerce(compression_for(method, args, [0]))
     sampling_params(args, None, 0)
-    return methods
 
 
 def sampling_params(

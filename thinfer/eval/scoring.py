@@ -9,7 +9,7 @@ sample is correct.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from thinfer.eval.answers import answers_equal, choice_letter, extract_answer
@@ -24,6 +24,7 @@ class Sample:
     num_tokens: int
     finish_reason: str | None
     peak_kv: int
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
