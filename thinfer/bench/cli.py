@@ -1,4 +1,5 @@
-"""`thinfer bench throughput|latency|decode-curve`: the `thinfer bench` sub-commands."""
+"""`thinfer bench throughput|latency|decode-curve|speedup|bandwidth|decode-attention`: the
+`thinfer bench` sub-commands."""
 
 from __future__ import annotations
 
@@ -65,6 +66,105 @@ def _decode_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speedup(args: argparse.Namespace) -> int:
+    from thinfer.bench.speedup import run_speedup
+
+    _set_threads(args)
+    run_speedup(args)
+    return 0
+
+
+def _bandwidth(args: argparse.Namespace) -> int:
+    from thinfer.bench.bandwidth import run_bandwidth
+
+    _set_threads(args)
+    run_bandwidth(args)
+    return 0
+
+
+def _decode_attention(args: argparse.Namespace) -> int:
+    from thinfer.bench.attention_bench import run_decode_attention
+
+    _set_threads(args)
+    run_decode_attention(args)
+    return 0
+
+
+_SIZED_PER_RUN = (
+    "--max-num-seqs, --max-num-batched-tokens, --max-model-len and --num-kv-blocks are "
+    "ignored: each run gets a KV cache of exactly what it needs."
+)
+
+
+def _add_gpu_benches(kinds: Any) -> None:
+    sp = kinds.add_parser(
+        "speedup",
+        help="decode tokens/s over HF transformers per input length x batch size",
+        description="The FlashDecoding++ grid: for each input length and batch size, the same "
+        "random prompts through thinfer and HF generate (greedy, EOS ignored); decode "
+        "tokens/s of both (prefill excluded) and the speedup; cells where an engine runs out "
+        "of memory are marked oom. A dummy model's context is extended when a cell needs it. "
+        + _SIZED_PER_RUN,
+    )
+    _common(sp, peer=False)
+    sp.add_argument(
+        "--input-lens", default="128,1024,8192,32768", help="prompt tokens, comma-separated"
+    )
+    sp.add_argument("--batch-sizes", default="1,2,4,8", help="comma-separated (default 1,2,4,8)")
+    sp.add_argument("--output-len", type=int, default=128, help="new tokens per sequence")
+    sp.set_defaults(func=_speedup)
+
+    bw = kinds.add_parser(
+        "bandwidth",
+        help="batch-1 decode tokens/s and model bandwidth utilization (MBU)",
+        description="Device copy bandwidth (read+write bytes / time of a large copy), then "
+        "thinfer's batch-1 decode: tokens/s, bytes read per step (weights + KV of the "
+        "context), achieved bandwidth, MBU = achieved / copy bandwidth, and the bound "
+        "tokens/s = copy bandwidth / bytes per step; HF generate as the peer. " + _SIZED_PER_RUN,
+    )
+    _common(bw)
+    bw.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    bw.add_argument("--output-len", type=int, default=256, help="new tokens (default 256)")
+    bw.add_argument(
+        "--copy-mib", type=int, default=None, help="copied tensor size (default 1024 GPU, 64 CPU)"
+    )
+    bw.add_argument("--repeats", type=int, default=20, help="timed copies (default 20)")
+    bw.set_defaults(func=_bandwidth)
+
+    da = kinds.add_parser(
+        "decode-attention",
+        help="paged decode attention alone vs SDPA on contiguous KV, in TB/s",
+        description="One query per sequence over a paged KV cache (shuffled block table) with "
+        "the Triton kernel (or the torch reference), against "
+        "torch.nn.functional.scaled_dot_product_attention on contiguous K/V of the same size; "
+        "bandwidth = bytes of K, V, q and out / median time.",
+    )
+    da.add_argument(
+        "--context-lens",
+        default="1024,2048,4096,8192,16384,32768",
+        help="KV tokens per sequence, comma-separated",
+    )
+    da.add_argument("--batch-size", type=int, default=1)
+    da.add_argument("--heads", type=int, default=32, help="query heads")
+    da.add_argument("--kv-heads", type=int, default=32)
+    da.add_argument("--head-dim", type=int, default=128)
+    da.add_argument("--block-size", type=int, default=16, help="KV slots per block")
+    da.add_argument("--dtype", default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    da.add_argument("--device", default=None)
+    da.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="paged attention: the Triton kernel or the torch reference (auto: triton on "
+        "CUDA, torch on CPU; triton on CPU needs TRITON_INTERPRET=1)",
+    )
+    da.add_argument("--iters", type=int, default=50, help="timed calls per measurement")
+    da.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    da.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    da.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
+    da.set_defaults(func=_decode_attention)
+
+
 def _add_decode_curve(kinds: Any) -> None:
     from thinfer.compression.config import METHODS, TRIGGERS
 
@@ -104,8 +204,11 @@ def _add_decode_curve(kinds: Any) -> None:
 
 
 def add_bench_parser(subparsers: Any) -> None:
-    """Add `bench` (throughput, latency, decode-curve) to the `thinfer` sub-commands."""
-    bench = subparsers.add_parser("bench", help="benchmarks: throughput, latency, decode curves")
+    """Add `bench` (throughput, latency, decode-curve, speedup, bandwidth, decode-attention)
+    to the `thinfer` sub-commands."""
+    bench = subparsers.add_parser(
+        "bench", help="benchmarks: throughput, latency, decode curves, GPU decode speed"
+    )
     kinds = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = kinds.add_parser(
@@ -132,3 +235,4 @@ def add_bench_parser(subparsers: Any) -> None:
     lat.set_defaults(func=_latency, max_num_seqs=16)
 
     _add_decode_curve(kinds)
+    _add_gpu_benches(kinds)
