@@ -12,11 +12,16 @@ import sys
 import pytest
 import torch
 
-from thinfer import LLM
-from thinfer.config import EngineConfig
-from thinfer.engine.kv_cache import KVCache
-from thinfer.engine.llm_engine import LLMEngine
-from thinfer.loading.checkpoint import default_model_path
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through the interpreter; @triton.jit reads this when it
+    # decorates, so it must be set before any kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from thinfer import LLM  # noqa: E402
+from thinfer.config import EngineConfig  # noqa: E402
+from thinfer.engine.kv_cache import KVCache  # noqa: E402
+from thinfer.engine.llm_engine import LLMEngine  # noqa: E402
+from thinfer.loading.checkpoint import default_model_path  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

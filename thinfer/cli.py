@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from thinfer.config import ATTENTION_BACKENDS
 from thinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -35,6 +36,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="paged attention: triton kernels (CUDA) or torch; auto = triton on CUDA",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -49,6 +56,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
+        attention_backend=args.attention_backend,
     )
 
 

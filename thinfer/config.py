@@ -23,6 +23,9 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 
+# Attention backends a model can use (see thinfer.attention.backend).
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Turn a user dtype ("auto", "bf16", torch.float16, ...) into a torch dtype.
@@ -147,6 +150,8 @@ class EngineConfig:
     KV capacity is `num_kv_blocks` blocks of `block_size` tokens when given, else the
     fraction `kv_cache_memory_fraction` of the device memory left after loading weights
     (on CPU: of the RAM available), capped at what `max_num_seqs` full-length sequences need.
+    `attention_backend` is one of ATTENTION_BACKENDS ("auto": Triton kernels on CUDA when
+    triton imports, else the torch backend).
     """
 
     max_num_seqs: int = 64
@@ -156,6 +161,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.5
     max_model_len: int | None = None
     seed: int = 0
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -174,3 +180,8 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from thinfer.attention.backend import select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig, resolve_dtype
 from thinfer.engine.kv_cache import KVCache, auto_num_blocks
@@ -29,6 +30,7 @@ class LLM:
     as "llama-2-7b"; None means the embedded SmolLM2-135M-Instruct GGUF. KV capacity is
     `num_kv_blocks` blocks when given, else `kv_cache_memory_fraction` of the free memory.
     `kv_compression` is the default KV-cache compression of requests that set none.
+    `attention_backend` is "auto" (Triton kernels on CUDA, else torch), "torch" or "triton".
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class LLM:
         kv_cache_memory_fraction: float = 0.5,
         seed: int = 0,
         kv_compression: CompressionConfig | dict[str, object] | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -54,6 +57,7 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             max_model_len=max_model_len,
             seed=seed,
+            attention_backend=attention_backend,
         )
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, dev)
@@ -69,6 +73,7 @@ class LLM:
         else:
             net.load_weights(checkpoint.tensors())
         net.eval()
+        net.set_attention_backend(select_backend(config.attention_backend, dev))
         pack_linears(net)
         num_blocks = num_kv_blocks or auto_num_blocks(
             model_cfg, config, self.max_model_len, torch_dtype, dev

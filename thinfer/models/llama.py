@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinfer.attention.backend import TORCH_BACKEND, AttentionBackend
 from thinfer.attention.metadata import AttentionMetadata
-from thinfer.attention.torch_paged import paged_attention, store_kv
 from thinfer.config import ModelConfig
 from thinfer.models.linear import Linear, unpack_linears
 from thinfer.models.rope import RotaryEmbedding, apply_rope
@@ -39,7 +39,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention with GQA; keys are rotated before they are cached."""
+    """Self-attention with GQA; keys are rotated before they are cached. `backend` writes
+    and reads the paged cache (see `LlamaForCausalLM.set_attention_backend`)."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -52,6 +53,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.backend: AttentionBackend = TORCH_BACKEND
 
     def forward(
         self,
@@ -69,8 +71,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, angles)
         if meta.capture is not None:
             meta.capture.record_queries(q)
-        store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        self.backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        out = self.backend.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -147,6 +149,11 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, angles, kv_cache, meta)
         return self.norm(x)
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Make every layer write and read its KV cache through `backend`."""
+        for layer in self.layers:
+            layer.self_attn.backend = backend
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> logits [N, vocab]."""
