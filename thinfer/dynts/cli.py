@@ -1,4 +1,4 @@
-"""`thinfer dynts traces|proxy-traces|label|train|proxy-eval`: the `thinfer dynts` sub-commands.
+"""The `thinfer dynts` sub-commands: traces, proxy-traces, label, train, proxy-eval, fidelity.
 
 Each sub-command is added by its own `add_*_command(commands)` function, listed in
 `SUBCOMMANDS`; a new one is a function taking the group's sub-parsers plus one entry there.
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from thinfer.dynts.features import DEFAULT_CHUNK
+from thinfer.dynts.fidelity_cli import add_fidelity_command
 from thinfer.dynts.proxy_cli import add_proxy_eval_command, add_proxy_traces_command
 from thinfer.dynts.traces import DEFAULT_THINK_END
 from thinfer.dynts.traces_cli import add_traces_command
@@ -161,6 +162,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_label_command,
     add_train_command,
     add_proxy_eval_command,
+    add_fidelity_command,
 ]
 
 
