@@ -16,7 +16,10 @@ def plot_fidelity(record: dict[str, Any]) -> plt.Figure:
     methods = {m: s for m, s in record["methods"].items() if m != "full"}
     names = list(methods)
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.8))
-    bars.bar(names, [methods[m]["nll_increase_after_budget"] for m in names], color="tab:blue")
+    drawn = bars.bar(
+        names, [methods[m]["nll_increase_after_budget"] for m in names], color="tab:blue"
+    )
+    bars.bar_label(drawn, fmt="%.3f", fontsize=8)
     bars.set_ylabel("NLL increase vs full cache (nats/token, after the budget)")
     bars.tick_params(axis="x", rotation=30)
     bars.axhline(0, color="black", linewidth=0.8)
