@@ -77,15 +77,12 @@ def generate_traces(
     temperature, top_p, top_k, seed, chat, think_end, answer_pattern, timeout).
     """
     from thinfer.eval.generation import generate_with_peaks
-    from thinfer.eval.runner import render_prompts, sampling_params
+    from thinfer.eval.runner import render_prompts, resolve_chat, sampling_params
 
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; thinfer dynts traces needs one")
-    has_template = tokenizer.chat_template is not None
-    chat = has_template if args.chat is None else args.chat
-    if chat and not has_template:
-        raise ValueError("--chat: this model's tokenizer has no chat template")
+    chat = resolve_chat(tokenizer, args.chat)
     marker = tokenizer.encode(args.think_end, add_special_tokens=False)
     if not marker:
         raise ValueError(f"--think-end {args.think_end!r} encodes to no tokens")

@@ -115,6 +115,15 @@ def sampling_params(
     )
 
 
+def resolve_chat(tokenizer: Tokenizer, chat: bool | None) -> bool:
+    """The `--chat` option resolved: None means "when the tokenizer has a chat template";
+    True without a template is a ValueError."""
+    has_template = tokenizer.chat_template is not None
+    if chat and not has_template:
+        raise ValueError("--chat: this model's tokenizer has no chat template")
+    return has_template if chat is None else chat
+
+
 def render_prompts(problems: list[Problem], tokenizer: Tokenizer, chat: bool) -> list[list[int]]:
     """Token ids of each problem's prompt, through the chat template when `chat`.
 
@@ -175,10 +184,7 @@ def run_eval(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, Any]
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; thinfer eval needs one")
-    has_template = tokenizer.chat_template is not None
-    chat = has_template if args.chat is None else args.chat
-    if chat and not has_template:
-        raise ValueError("--chat: this model's tokenizer has no chat template")
+    chat = resolve_chat(tokenizer, args.chat)
     think_end = tokenizer.encode(args.think_end, add_special_tokens=False)
     if "dynts" in methods and not think_end:
         raise ValueError(f"--think-end {args.think_end!r} encodes to no tokens")
