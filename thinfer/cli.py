@@ -42,6 +42,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=ATTENTION_BACKENDS,
         help="paged attention: triton kernels (CUDA) or torch; auto = triton on CUDA",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs (triton backend on CUDA only; default on)",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -57,6 +63,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
         attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

@@ -151,7 +151,10 @@ class EngineConfig:
     fraction `kv_cache_memory_fraction` of the device memory left after loading weights
     (on CPU: of the RAM available), capped at what `max_num_seqs` full-length sequences need.
     `attention_backend` is one of ATTENTION_BACKENDS ("auto": Triton kernels on CUDA when
-    triton imports, else the torch backend).
+    triton imports, else the torch backend). `cuda_graphs` lets steps of single-token decodes
+    replay CUDA graphs captured per batch-size bucket; it takes effect only where graphs apply
+    (the triton backend on a CUDA device, see `thinfer.engine.decode_graphs`), and False
+    turns them off.
     """
 
     max_num_seqs: int = 64
@@ -162,6 +165,7 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -185,3 +189,5 @@ class EngineConfig:
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                 f"got {self.attention_backend!r}"
             )
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")

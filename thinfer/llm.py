@@ -31,6 +31,8 @@ class LLM:
     `num_kv_blocks` blocks when given, else `kv_cache_memory_fraction` of the free memory.
     `kv_compression` is the default KV-cache compression of requests that set none.
     `attention_backend` is "auto" (Triton kernels on CUDA, else torch), "torch" or "triton".
+    `cuda_graphs` (on by default) replays decode steps from CUDA graphs where they apply: the
+    triton backend on a CUDA device (see `thinfer.engine.decode_graphs`).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class LLM:
         seed: int = 0,
         kv_compression: CompressionConfig | dict[str, object] | None = None,
         attention_backend: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -58,6 +61,7 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             attention_backend=attention_backend,
+            cuda_graphs=cuda_graphs,
         )
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, dev)

@@ -9,6 +9,10 @@ are a CPU padding optimisation and are ignored here.
 Sequences whose attention column sums a compression policy asked for (`meta.capture`, rare)
 are computed by the torch backend's functions instead, so their signals are recorded exactly
 as the torch backend records them; the kernels skip (prefill) or overwrite (decode) them.
+
+A step of decodes only, without capture, goes through `decode_attention`, which reads only
+the metadata's tensors and launches a grid that depends only on their shapes: it never
+syncs with the host, so it can be captured in a CUDA graph (`thinfer.engine.decode_graphs`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def paged_attention(
     sequence for which `meta.capture` wants column sums is computed with the torch backend's
     functions, which also record its column sums.
     """
+    if meta.num_decodes == meta.num_seqs and meta.capture is None:
+        return decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     capture = meta.capture
     captured = {i for i in range(meta.num_seqs) if capture and capture.wants_column_sums(i)}
@@ -80,6 +86,22 @@ def paged_attention(
     for i in sorted(captured):
         _attend_with_column_sums(q, k_cache, v_cache, meta, scale, i, out)
     return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of a step of decodes only (one query row per sequence, no capture).
+
+    Graph-safe: reads `meta.block_tables` and `meta.context_lens` on the device, never the
+    host-side lists, and the kernels' grid depends only on q's and the block table's shapes
+    (a fixed split size, see `paged_decode_attention`).
+    """
+    return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
 
 def _prefill_layout(

@@ -16,6 +16,7 @@ import torch
 from thinfer.compression import CompressionConfig, CompressionPolicy, make_policy
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
+from thinfer.engine.decode_graphs import build_decode_graphs
 from thinfer.engine.forcing import choose_tokens
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.runner import ModelRunner, deliver_signals
@@ -59,7 +60,8 @@ class LLMEngine:
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(config, kv_cache)
-        self.runner = ModelRunner(model, kv_cache, device)
+        graphs = build_decode_graphs(config, model, kv_cache, max_model_len)
+        self.runner = ModelRunner(model, kv_cache, device, graphs)
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
@@ -109,7 +111,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.forced_tokens):
             raise ValueError(f"forced_tokens: token ids must be below the vocabulary size {vocab}")
-        capacity = self.kv_cache.capacity_tokens
+        usable_blocks = self.kv_cache.num_blocks - self.runner.num_reserved_blocks
+        capacity = usable_blocks * self.kv_cache.block_size
         policy = self._policy_for(params)
         weight = next(self.model.parameters())
         policy.prepare(self.model_config.hidden_size, weight.dtype, weight.device)

@@ -1,4 +1,9 @@
-"""Turns a scheduled batch into flat tensors, runs the model, returns the rows to sample."""
+"""Turns a scheduled batch into flat tensors, runs the model, returns the rows to sample.
+
+Steps of single-token decodes without attention capture go through the static, padded
+decode path (`thinfer.engine.decode_graphs`, CUDA graphs) when the runner has one; every
+other step runs eagerly on tensors built for exactly that batch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 
 from thinfer.attention.capture import AttentionCapture
 from thinfer.attention.metadata import AttentionMetadata, plan_decode_groups
+from thinfer.engine.decode_graphs import DecodeGraphs
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.models.llama import LlamaForCausalLM
@@ -49,14 +55,42 @@ def deliver_signals(batch: list[ScheduledSequence], capture: AttentionCapture) -
             policy.observe_attention(item.seq, capture.queries(index), capture.column_sums(index))
 
 
-class ModelRunner:
-    """Owns the model and the cache tensors; one `execute` call per engine step."""
+def is_plain_decode(batch: list[ScheduledSequence]) -> bool:
+    """True when every sequence decodes one token and samples it, and no compression policy
+    wants attention signals from the step (so `meta.capture` would be None)."""
+    return all(item.num_tokens == 1 and item.samples for item in batch) and (
+        plan_capture(batch, list(range(len(batch)))) is None
+    )
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device) -> None:
+
+class ModelRunner:
+    """Owns the model and the cache tensors; one `execute` call per engine step.
+
+    With `decode_graphs`, plain decode steps that fit its buffers run through it.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: KVCache,
+        device: torch.device,
+        decode_graphs: DecodeGraphs | None = None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.layer_caches = kv_cache.layer_caches()
+        self.decode_graphs = decode_graphs
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        """KV blocks the runner holds for itself (the static decode path's scratch block)."""
+        return 0 if self.decode_graphs is None else self.decode_graphs.num_reserved_blocks
+
+    def runs_static(self, batch: list[ScheduledSequence]) -> bool:
+        """True when this batch goes through the static decode path."""
+        graphs = self.decode_graphs
+        return graphs is not None and is_plain_decode(batch) and graphs.fits(batch)
 
     def prepare(
         self, batch: list[ScheduledSequence]
@@ -113,11 +147,16 @@ class ModelRunner:
 
         Advances every scheduled sequence's `num_computed_tokens` and `kv_len`.
         """
-        ids, pos, meta, sample_rows = self.prepare(batch)
-        hidden = self.model(ids, pos, self.layer_caches, meta)
+        capture = None
+        if self.runs_static(batch):
+            last_hidden = self.decode_graphs.run(batch)  # type: ignore[union-attr]
+        else:
+            ids, pos, meta, sample_rows = self.prepare(batch)
+            hidden = self.model(ids, pos, self.layer_caches, meta)
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            last_hidden = hidden.index_select(0, rows)
+            capture = meta.capture
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
             item.seq.kv_len += item.num_tokens
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        last_hidden = hidden.index_select(0, rows)
-        return StepOutput(self.model.compute_logits(last_hidden), last_hidden, meta.capture)
+        return StepOutput(self.model.compute_logits(last_hidden), last_hidden, capture)

@@ -1,7 +1,9 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat token batch.
 
 Projections are fused (q/k/v into one matrix, gate/up into another) so each layer runs three
-large matmuls; `load_weights` maps HF tensor names onto the fused parameters.
+large matmuls; `load_weights` maps HF tensor names onto the fused parameters. The small ops
+between them (residual add + norm, RoPE, SiLU-multiply) come from `thinfer.models.fused`:
+plain torch, or fused Triton kernels with the "triton" attention backend.
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from torch import nn
 from thinfer.attention.backend import TORCH_BACKEND, AttentionBackend
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.config import ModelConfig
+from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate, layer_ops_for
 from thinfer.models.linear import Linear, unpack_linears
-from thinfer.models.rope import RotaryEmbedding, apply_rope
-
-Angles = tuple[torch.Tensor, torch.Tensor]
+from thinfer.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +59,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        angles: Angles,
+        rotate: Rotate,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, angles)
+        q, k = rotate(q, k)
         if meta.capture is not None:
             meta.capture.record_queries(q)
         self.backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
@@ -81,18 +82,18 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ops: LayerOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block whose residual add is left to the next norm (see
+    `thinfer.models.fused`)."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -100,17 +101,25 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.ops: LayerOps = TORCH_OPS
 
     def forward(
         self,
         x: torch.Tensor,
-        angles: Angles,
+        residual: torch.Tensor | None,
+        rotate: Rotate,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """One block: attention then MLP, each with a residual connection."""
-        x = x + self.self_attn(self.input_layernorm(x), angles, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(previous block's output, residual stream before it) -> (this block's MLP output,
+        residual stream before it). The first layer gets the embeddings and residual None."""
+        if residual is None:
+            residual, normed = x, self.ops.rms_norm(x, self.input_layernorm)
+        else:
+            normed, residual = self.ops.add_rms_norm(x, residual, self.input_layernorm)
+        attended = self.self_attn(normed, rotate, kv_cache, meta)
+        normed, residual = self.ops.add_rms_norm(attended, residual, self.post_attention_layernorm)
+        return self.mlp(normed), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -134,6 +143,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.attention_backend: AttentionBackend = TORCH_BACKEND
+        self.ops: LayerOps = TORCH_OPS
         self.to(dtype=dtype, device=device)
 
     def forward(
@@ -145,15 +156,21 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flat input_ids/positions [T] -> normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        angles = self.rotary_emb.angles(positions)
+        rotate = self.ops.rotation(self.rotary_emb, positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, angles, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rotate, kv_cache, meta)
+        assert residual is not None  # a model has at least one layer
+        return self.ops.add_rms_norm(x, residual, self.norm)[0]
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
-        """Make every layer write and read its KV cache through `backend`."""
+        """Make every layer write and read its KV cache through `backend`, and run the small
+        ops through the fused Triton kernels exactly when the backend is "triton"."""
+        self.attention_backend = backend
+        self.ops = layer_ops_for(backend.name)
         for layer in self.layers:
             layer.self_attn.backend = backend
+            layer.ops = layer.mlp.ops = self.ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> logits [N, vocab]."""

@@ -1,0 +1,114 @@
+"""The small per-layer ops of a decoder block: residual add + RMSNorm, RoPE, SiLU-multiply.
+
+Two interchangeable implementations. `LayerOps` is the plain torch math the model has always
+computed (the CPU path and the ground truth); `TritonLayerOps` runs the fused kernels of
+`thinfer.kernels` (one pass for add + norm, q and k rotated in place, silu(gate) * up in one
+pass). The model uses the Triton ops exactly when its attention backend is "triton" (see
+`LlamaForCausalLM.set_attention_backend`), so a CPU model computes bitwise what it did before.
+
+Residual flow (as in vLLM): a decoder block returns (output, residual) without adding them;
+the next norm adds and normalizes in one step and hands on the new residual stream. The torch
+ops compute `residual + output` and then the norm, the same operations in the same order as
+the unfused `x = x + block(norm(x))`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from thinfer.models.rope import RotaryEmbedding, apply_rope
+
+if TYPE_CHECKING:
+    from thinfer.models.llama import RMSNorm
+
+# rotate(q [T, Hq, D], k [T, Hk, D]) -> rotated (q, k), for one step's positions.
+Rotate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LayerOps:
+    """The torch implementation; also the interface `TritonLayerOps` overrides."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """norm(x) for x [T, hidden]."""
+        return norm(x)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): a block's output x joins the residual stream."""
+        residual = residual + x
+        return norm(residual), residual
+
+    def rotation(self, rotary: RotaryEmbedding, positions: torch.Tensor) -> Rotate:
+        """The RoPE rotation of one step's tokens at `positions` [T], shared by all layers
+        (the torch path gathers the cos/sin rows once per step here)."""
+        angles = rotary.angles(positions)
+
+        def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return apply_rope(q, k, angles)
+
+        return rotate
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for the fused projection gate_up [T, 2I] (gate first) -> [T, I]."""
+        gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+        return F.silu(gate) * up
+
+
+class TritonLayerOps(LayerOps):
+    """The same ops through the Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1).
+
+    Numerics: add + norm and RoPE round like the torch path up to summation order and one
+    rounding per element (see the kernels' docstrings); silu-multiply computes in float32 and
+    rounds once, so half dtypes can differ from the torch path by about one unit in the last
+    place. Nothing here reads host state or syncs with the host, so the ops can be captured in
+    a CUDA graph.
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        # Imported here: triton is an optional dependency, needed only on this path.
+        from thinfer.kernels import rmsnorm, rope, silu_mul
+
+        self._rmsnorm = rmsnorm
+        self._rope = rope
+        self._silu_mul = silu_mul
+
+    def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """norm(x) in one kernel pass."""
+        return self._rmsnorm.rms_norm(x, norm.weight, norm.eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one kernel pass."""
+        return self._rmsnorm.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+
+    def rotation(self, rotary: RotaryEmbedding, positions: torch.Tensor) -> Rotate:
+        """Rotates q and k in place (views of the qkv projection are fine) and returns them."""
+        apply = self._rope.apply_rope_inplace
+
+        def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            apply(q, k, positions, rotary.cos, rotary.sin)
+            return q, k
+
+        return rotate
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up in one kernel pass (float32 math, one rounding)."""
+        return self._silu_mul.silu_and_mul(gate_up)
+
+
+TORCH_OPS = LayerOps()
+
+
+def layer_ops_for(backend_name: str) -> LayerOps:
+    """The layer ops that go with an attention backend: fused kernels with "triton"."""
+    return TritonLayerOps() if backend_name == "triton" else TORCH_OPS
