@@ -87,10 +87,13 @@ def test_generate_traces_with_smollm2(llm, tmp_path):
         start = trace.answer_start(marker)
         assert start is not None
         assert "7" in llm.tokenizer.decode(trace.token_ids[start:])
-        assert trace.prompt_token_ids[0] == llm.tokenizer.encode(
-            llm.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]),
-            add_special_tokens=False,
-        )[0]
+        assert (
+            trace.prompt_token_ids[0]
+            == llm.tokenizer.encode(
+                llm.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]),
+                add_special_tokens=False,
+            )[0]
+        )
     path = tmp_path / "traces.jsonl"
     write_traces(str(path), traces)
     assert [t.completion_token_ids for t in read_traces(str(path))] == [

@@ -94,9 +94,9 @@ def test_fidelity_end_to_end_on_real_text(llm, tmp_path):
     assert methods["full"]["max_peak_kv"] == 111  # the last forced token is never fed back
     # Dropping the first tokens (attention sinks) hurts far more than keeping heavy hitters.
     assert methods["window"]["nll_increase_after_budget"] > 0.3
-    assert methods["window"]["nll_increase_after_budget"] > methods["h2o"][
-        "nll_increase_after_budget"
-    ]
+    assert (
+        methods["window"]["nll_increase_after_budget"] > methods["h2o"]["nll_increase_after_budget"]
+    )
     written = json.loads((tmp_path / "fidelity_nll_uniform_b48.json").read_text())
     assert written["methods"]["window"]["nll_increase"] == methods["window"]["nll_increase"]
     assert (tmp_path / "fidelity_nll_uniform_b48.png").stat().st_size > 0
