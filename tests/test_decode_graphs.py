@@ -124,6 +124,8 @@ def test_plain_decodes_take_the_static_path_and_others_fall_back(triton_llm):
 def test_scratch_block_is_not_offered_to_requests(triton_llm):
     """Validation counts only the blocks sequences can get (7 of 8 here)."""
     engine = static_engine(triton_llm, num_kv_blocks=8).engine
+    assert engine.kv_cache.capacity_tokens == 7 * 16
+    assert engine.kv_cache.num_used_blocks == 0  # the reserved block is nobody's
     prompt = list(range(1, 11))
     engine.validate(len(prompt), SamplingParams(max_tokens=102))  # 112 = 7 blocks of 16
     with pytest.raises(ValueError, match="can never fit in the KV cache"):

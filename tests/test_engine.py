@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import with_engine
 
 from thinfer import SamplingParams
+from thinfer.engine.kv_cache import KVCache
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -207,3 +209,14 @@ def test_streaming_n_samples(llm, english_prompts):
             texts[c.index] += c.delta_text
     final = llm.generate(english_prompts[0], params)[0]
     assert texts == {c.index: c.text for c in final.outputs}
+
+
+def test_reserved_block_leaves_the_pool(llm):
+    kv = KVCache(llm.engine.model_config, 4, 16, torch.float32, torch.device("cpu"))
+    kv.reserve_block()
+    assert (kv.num_usable_blocks, kv.capacity_tokens) == (3, 48)
+    assert (kv.num_free_blocks, kv.num_used_blocks) == (3, 0)
+    for _ in range(3):
+        kv.reserve_block()
+    with pytest.raises(RuntimeError, match="cannot reserve"):
+        kv.reserve_block()

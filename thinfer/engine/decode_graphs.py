@@ -24,11 +24,12 @@ size), so nothing syncs with the host. The metadata's host-side context lengths 
 (their values change every step), so anything that read them would fail loudly.
 
 Padded rows are harmless: token 0 at position 0 writes its keys and values into slot 0 of a
-scratch block held for the engine's lifetime (never given to a sequence; it counts as one used
-block) and attends to that one slot; its outputs are dropped. Rows are independent in every
-op, so padding changes a real row at most by the last-bit differences of a matmul of another
-height. A block table entry past a row's context is never read, so stale entries left by an
-earlier step are harmless and the tables are rewritten only up to the step's widest table.
+scratch block reserved for the engine's lifetime (`KVCache.reserve_block`: never given to a
+sequence, not counted in the capacity) and attends to that one slot; its outputs are
+dropped. Rows are independent in every op, so padding changes a real row at most by the
+last-bit differences of a matmul of another height. A block table entry past a row's context
+is never read, so stale entries left by an earlier step are harmless and the tables are
+rewritten only up to the step's widest table.
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ from thinfer.attention.metadata import AttentionMetadata
 from thinfer.config import EngineConfig
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
-from thinfer.engine.sequence import Sequence
 from thinfer.models.llama import LlamaForCausalLM
-from thinfer.sampling_params import SamplingParams
 
 _SMALL_BUCKETS = (1, 2, 4)
 BUCKET_STRIDE = 8
@@ -101,11 +100,7 @@ class DecodeGraphs:
         self.max_blocks_per_seq = kv_cache.blocks_for(max_model_len)
         self.use_cuda_graphs = use_cuda_graphs
         self.bucket_steps: Counter[int] = Counter()  # steps run per bucket
-        # A placeholder sequence that never runs owns the scratch block, so the pool never
-        # hands it out.
-        self._scratch_owner = Sequence(-1, "decode-graphs-scratch", 0, [], SamplingParams(), None)
-        kv_cache.append_slots(self._scratch_owner, 1)
-        self.scratch_block = self._scratch_owner.block_table[0]
+        self.scratch_block = kv_cache.reserve_block()
         rows = self.buckets[-1]
         # Rows: token ids, positions, slot mapping, context lengths.
         self._vectors = torch.zeros(4, rows, dtype=torch.long, device=device)
@@ -115,11 +110,6 @@ class DecodeGraphs:
         self._metas: dict[int, AttentionMetadata] = {}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if use_cuda_graphs else None
-
-    @property
-    def num_reserved_blocks(self) -> int:
-        """KV blocks held for padded rows (not available to sequences)."""
-        return 1
 
     @property
     def captured_buckets(self) -> list[int]:

@@ -42,6 +42,7 @@ class KVCache:
             device=device,
         )
         self._free: deque[int] = deque(range(num_blocks))
+        self._reserved: list[int] = []  # taken out of the pool for good (`reserve_block`)
         # Storage is allocated uninitialized (cheap for large pools); blocks are zeroed the
         # first time they are handed out, so masked-out slots never hold NaN garbage that
         # would leak through attention (0 * NaN = NaN). Block 0 also pads block tables.
@@ -49,9 +50,25 @@ class KVCache:
         self._zero_through(0)
 
     @property
+    def num_usable_blocks(self) -> int:
+        """Blocks sequences can ever hold: the pool minus the reserved blocks."""
+        return self.num_blocks - len(self._reserved)
+
+    @property
     def capacity_tokens(self) -> int:
-        """Slots in the whole pool."""
-        return self.num_blocks * self.block_size
+        """Slots sequences can ever hold (reserved blocks excluded)."""
+        return self.num_usable_blocks * self.block_size
+
+    def reserve_block(self) -> int:
+        """Take one zeroed block out of the pool for good (the engine's own scratch space,
+        e.g. for the padded rows of static decode steps); it is never handed to a sequence
+        and no longer counts in `capacity_tokens` or `num_used_blocks`."""
+        if not self._free:
+            raise RuntimeError("KV cache out of blocks: cannot reserve one")
+        block = self._free.popleft()
+        self._zero_through(block)
+        self._reserved.append(block)
+        return block
 
     @property
     def num_free_blocks(self) -> int:
@@ -61,7 +78,7 @@ class KVCache:
     @property
     def num_used_blocks(self) -> int:
         """Blocks held by sequences."""
-        return self.num_blocks - len(self._free)
+        return self.num_usable_blocks - len(self._free)
 
     @property
     def bytes_per_block(self) -> int:

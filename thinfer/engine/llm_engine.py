@@ -111,8 +111,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.forced_tokens):
             raise ValueError(f"forced_tokens: token ids must be below the vocabulary size {vocab}")
-        usable_blocks = self.kv_cache.num_blocks - self.runner.num_reserved_blocks
-        capacity = usable_blocks * self.kv_cache.block_size
+        capacity = self.kv_cache.capacity_tokens
         policy = self._policy_for(params)
         weight = next(self.model.parameters())
         policy.prepare(self.model_config.hidden_size, weight.dtype, weight.device)

@@ -82,11 +82,6 @@ class ModelRunner:
         self.layer_caches = kv_cache.layer_caches()
         self.decode_graphs = decode_graphs
 
-    @property
-    def num_reserved_blocks(self) -> int:
-        """KV blocks the runner holds for itself (the static decode path's scratch block)."""
-        return 0 if self.decode_graphs is None else self.decode_graphs.num_reserved_blocks
-
     def runs_static(self, batch: list[ScheduledSequence]) -> bool:
         """True when this batch goes through the static decode path."""
         graphs = self.decode_graphs

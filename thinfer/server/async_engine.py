@@ -279,7 +279,7 @@ class AsyncEngine:
             num_waiting=len({seq.request_id for seq in scheduler.waiting}),
             num_unfinished=len(self._tracked),
             kv_blocks_used=engine.kv_cache.num_used_blocks,
-            kv_blocks_total=engine.kv_cache.num_blocks,
+            kv_blocks_total=engine.kv_cache.num_usable_blocks,
             prompt_tokens_total=engine.num_prompt_tokens_total,
             generation_tokens_total=engine.num_generated_tokens_total,
             preemptions_total=scheduler.num_preemptions,
