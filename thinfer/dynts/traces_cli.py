@@ -38,6 +38,7 @@ def _traces(args: argparse.Namespace) -> int:
 def add_traces_command(commands: Any) -> None:
     """`thinfer dynts traces`: training traces from a problem set (JSONL)."""
     from thinfer.cli import add_model_args
+    from thinfer.eval.cli import add_sampling_args
 
     p = commands.add_parser(
         "traces",
@@ -52,34 +53,11 @@ def add_traces_command(commands: Any) -> None:
     )
     p.add_argument("--dataset", required=True, help="JSONL problems with reference answers")
     p.add_argument("--output", required=True, help="trace JSONL to write")
-    p.add_argument("--samples", type=int, default=4, help="samples per problem (default 4)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="default 16384")
-    p.add_argument("--temperature", type=float, default=0.6, help="default 0.6")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    p.add_argument("--top-k", type=int, default=20, help="default 20")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    add_sampling_args(p, default_samples=4)
     p.add_argument(
         "--think-end",
         default=DEFAULT_THINK_END,
         help=f"marker that ends the thinking (default {DEFAULT_THINK_END!r})",
-    )
-    p.add_argument(
-        "--answer-pattern",
-        default=None,
-        help="regex with one group: its last match is the answer (default: last \\boxed{})",
-    )
-    p.add_argument(
-        "--answer-timeout",
-        dest="timeout",
-        type=float,
-        default=2.0,
-        help="seconds for one symbolic answer check (default 2)",
-    )
-    p.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="apply the chat template (default: when the tokenizer has one)",
     )
     add_model_args(p)
     p.set_defaults(func=_traces)

@@ -47,30 +47,7 @@ def add_eval_parser(subparsers: Any) -> None:
     ev.add_argument("--trigger", default="native", choices=list(TRIGGERS), help="default native")
     ev.add_argument("--predictor", default=None, help="DynTS head (safetensors); dynts needs it")
     ev.add_argument("--think-end", default="</think>", help="marker that ends the thinking (DynTS)")
-    ev.add_argument("--samples", type=int, default=5, help="samples per problem, k (default 5)")
-    ev.add_argument("--max-tokens", type=int, default=16384, help="default 16384")
-    ev.add_argument("--temperature", type=float, default=0.6, help="default 0.6")
-    ev.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
-    ev.add_argument("--top-k", type=int, default=20, help="default 20")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    ev.add_argument(
-        "--answer-pattern",
-        default=None,
-        help="regex with one group: its last match is the answer (default: last \\boxed{})",
-    )
-    ev.add_argument(
-        "--answer-timeout",
-        dest="timeout",
-        type=float,
-        default=2.0,
-        help="seconds for one symbolic answer check (default 2)",
-    )
-    ev.add_argument(
-        "--chat",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="apply the chat template (default: when the tokenizer has one)",
-    )
+    add_sampling_args(ev, default_samples=5)
     ev.add_argument(
         "--keep-text", action="store_true", help="store every sample's text in the JSON"
     )
@@ -81,3 +58,37 @@ def add_eval_parser(subparsers: Any) -> None:
     )
     add_model_args(ev)
     ev.set_defaults(func=_eval)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, default_samples: int) -> None:
+    """The sampling, problem-set and grading options shared by `thinfer eval` and
+    `thinfer dynts traces` (defaults: the DynTS protocol)."""
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=default_samples,
+        help=f"samples per problem, k (default {default_samples})",
+    )
+    parser.add_argument("--max-tokens", type=int, default=16384, help="default 16384")
+    parser.add_argument("--temperature", type=float, default=0.6, help="default 0.6")
+    parser.add_argument("--top-p", type=float, default=0.95, help="default 0.95")
+    parser.add_argument("--top-k", type=int, default=20, help="default 20")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    parser.add_argument(
+        "--answer-pattern",
+        default=None,
+        help="regex with one group: its last match is the answer (default: last \\boxed{})",
+    )
+    parser.add_argument(
+        "--answer-timeout",
+        dest="timeout",
+        type=float,
+        default=2.0,
+        help="seconds for one symbolic answer check (default 2)",
+    )
+    parser.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the chat template (default: when the tokenizer has one)",
+    )
