@@ -18,7 +18,6 @@ the CPU reference `thinfer.attention.torch_paged.decode_attention` (gather, then
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -47,12 +46,13 @@ def paged_backend(backend: str, device: torch.device) -> PagedAttention:
         from thinfer.attention.torch_paged import decode_attention
 
         return decode_attention
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("--backend triton needs CUDA, or TRITON_INTERPRET=1 on CPU")
+    from thinfer.attention.backend import select_backend
+
     try:
-        from thinfer.kernels.decode_attention import paged_decode_attention
-    except ImportError as exc:
-        raise ValueError(f"--backend triton: the kernel is not available ({exc})") from exc
+        select_backend("triton", device)  # triton importable, CUDA or interpreted kernels
+    except ValueError as exc:
+        raise ValueError(f"--backend triton: {exc}") from exc
+    from thinfer.kernels.decode_attention import paged_decode_attention
 
     def triton_paged(
         q: torch.Tensor,
