@@ -30,6 +30,9 @@ class AttentionMetadata:
     block_size: int
     decode_groups: list[tuple[int, int]]  # [start, end) slices of the decodes, see below
     capture: AttentionCapture | None = None  # signals for compression policies, if any
+    # Device-side prefill layout (starts, lengths, longest), built once per step by the
+    # triton backend's first layer and reused by the others.
+    prefill_layout: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -29,10 +29,6 @@ from thinfer.kernels.prefill_attention import paged_prefill_attention
 
 store_kv = store_kv_kernels.store_kv
 
-# The prefill rows' layout is the same in every layer of a step, so it is built once and
-# kept on the step's metadata under this attribute.
-_PREFILL_LAYOUT = "_triton_prefill_layout"
-
 
 def kernels_interpreted() -> bool:
     """True when Triton interprets the kernels (TRITON_INTERPRET=1 was set before they were
@@ -109,7 +105,7 @@ def _prefill_layout(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Query starts (relative to the first prefill row) and lengths [num_prefills] on the
     device, with length 0 for captured sequences, and the largest length."""
-    layout = getattr(meta, _PREFILL_LAYOUT, None)
+    layout = meta.prefill_layout
     if layout is None:
         first = meta.num_decodes
         base = meta.query_starts_list[first]
@@ -122,7 +118,7 @@ def _prefill_layout(
             torch.tensor(lens, dtype=torch.int64, device=device),
             max(lens),
         )
-        setattr(meta, _PREFILL_LAYOUT, layout)
+        meta.prefill_layout = layout
     return layout
 
 
