@@ -28,8 +28,13 @@ class TraceCounts:
     generated: int = 0
     truncated: int = 0  # stopped by max_tokens
     with_marker: int = 0
-    kept: int = 0  # with the marker, and the answer after it equals the reference
+    # kept = with the marker, and the answer after it equals the reference
     per_problem_kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> int:
+        """Samples kept as traces, over all problems."""
+        return sum(self.per_problem_kept.values())
 
 
 def select_traces(
@@ -62,7 +67,6 @@ def select_traces(
             answer_text = decode(trace.token_ids[answer_start:])
             if not grader.grade(problem, answer_text)[1]:
                 continue
-            counts.kept += 1
             counts.per_problem_kept[problem.id] += 1
             kept.append(trace)
     return kept, counts
