@@ -16,7 +16,7 @@ import torch
 
 from thinfer.compression.config import CompressionConfig
 from thinfer.compression.policies import CompressionPolicy
-from thinfer.dynts.predictor import ImportancePredictor, load_predictor
+from thinfer.compression.predictor import ImportancePredictor, load_predictor
 
 if TYPE_CHECKING:
     from thinfer.engine.kv_cache import KVCache

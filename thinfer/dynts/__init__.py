@@ -1,6 +1,7 @@
-"""DynTS: the learned importance predictor, its labels (features.py, label.py) and training
-(train.py); `thinfer dynts` commands in cli.py."""
+"""DynTS tooling: labels (features.py, label.py) and training
+(train.py), `thinfer dynts` commands in cli.py; the inference head lives in
+thinfer.compression.predictor."""
 
-from thinfer.dynts.predictor import ImportancePredictor, load_predictor, save_predictor
+from thinfer.compression.predictor import ImportancePredictor, load_predictor, save_predictor
 
 __all__ = ["ImportancePredictor", "load_predictor", "save_predictor"]

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from thinfer.dynts.feature_file import load_features
-from thinfer.dynts.predictor import ImportancePredictor, save_predictor
+from thinfer.compression.predictor import ImportancePredictor, save_predictor
 from thinfer.dynts.train_data import (
     LABEL_TRANSFORMS,
     TrainingData,
