@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compression_utils import select
 from conftest import with_engine
 from hypothesis import given
 from hypothesis import strategies as st
 
 from thinfer import SamplingParams
-from thinfer.compression import CompressionConfig, make_policy
-from thinfer.engine.sequence import Sequence
+from thinfer.compression import CompressionConfig
 from thinfer.models.rope import RotaryEmbedding, rotate
-
-
-def fake_seq(kv_len: int) -> Sequence:
-    seq = Sequence(0, "r", 0, [1] * max(kv_len, 1), SamplingParams(), None)
-    seq.kv_len = seq.num_computed_tokens = kv_len
-    return seq
 
 
 def dense_window(kv_len: int, budget: int) -> list[int]:
@@ -33,7 +27,7 @@ def dense_streaming(kv_len: int, budget: int, sinks: int) -> list[int]:
 
 @given(st.integers(2, 300), st.integers(0, 400))
 def test_window_keeps_the_last_tokens(budget, kv_len):
-    keep = make_policy(CompressionConfig("window", budget=budget)).select(fake_seq(kv_len))
+    keep = select(CompressionConfig("window", budget=budget), kv_len)
     if kv_len < budget:
         assert keep is None
     else:
@@ -43,7 +37,7 @@ def test_window_keeps_the_last_tokens(budget, kv_len):
 @given(st.integers(6, 300), st.integers(0, 5), st.integers(0, 400))
 def test_streamingllm_always_keeps_sinks_and_recent(budget, sinks, kv_len):
     config = CompressionConfig("streamingllm", budget=budget, sink_tokens=sinks)
-    keep = make_policy(config).select(fake_seq(kv_len))
+    keep = select(config, kv_len)
     if kv_len < budget:
         assert keep is None
         return
@@ -57,7 +51,7 @@ def test_uniform_trigger_keeps_window_plus_ratio(budget, ratio, window, data):
     config = CompressionConfig(
         "streamingllm", budget=budget, window=window, ratio=ratio, sink_tokens=2, trigger="uniform"
     )
-    keep = make_policy(config).select(fake_seq(kv_len)).tolist()
+    keep = select(config, kv_len).tolist()
     old = kv_len - window
     expected_old = int(ratio * old)
     assert len(keep) == expected_old + window
@@ -228,7 +222,7 @@ def test_streamingllm_reassigned_positions_move_the_sinks(llm, english_prompts):
         for _ in range(20):
             core.step()
         seq = core.scheduler.running[0]
-        results[reassign] = (seq, core.kv_cache.sequence_keys(seq)[:, :sinks].clone())
+        results[reassign] = (seq, core.kv_cache.read_keys(seq, 0, sinks))
         core.abort_request(seq.request_id)
     (plain, plain_keys), (moved, moved_keys) = results[False], results[True]
     shift = moved.num_computed_tokens - moved.kv_len

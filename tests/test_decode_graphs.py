@@ -17,7 +17,7 @@ from test_fused_model import HALF_LOGITS_REL, assert_rows_close, record_logits
 
 from thinfer import LLM, SamplingParams
 from thinfer.cli import add_model_args, llm_kwargs
-from thinfer.compression import CompressionConfig, make_policy
+from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig
 from thinfer.engine.decode_graphs import DecodeGraphs, cuda_graphs_apply, decode_buckets
 from thinfer.engine.scheduler import ScheduledSequence
@@ -103,14 +103,15 @@ def test_padded_static_decode_matches_eager_step(triton_llm, english_prompts, ba
 
 
 def test_plain_decodes_take_the_static_path_and_others_fall_back(triton_llm):
-    runner = static_engine(triton_llm).engine.runner
+    core = static_engine(triton_llm).engine
+    runner = core.runner
     decodes = [decode_item(3, i) for i in range(3)]
     assert runner.runs_static(decodes)
     prefill = ScheduledSequence(Sequence(9, "9", 0, [1, 2, 3], SamplingParams(), None), 3)
     assert not runner.runs_static([prefill])
     assert not runner.runs_static(decodes + [prefill])  # mixed
     captured = decode_item(3, 10)
-    captured.seq.policy = make_policy(CompressionConfig("h2o", budget=24, window=4))
+    core.compression.attach(captured.seq, CompressionConfig("h2o", budget=24, window=4))
     assert not runner.runs_static(decodes + [captured])  # wants column sums: meta.capture
     too_many = [decode_item(3, i) for i in range(MAX_NUM_SEQS + 1)]
     assert not runner.runs_static(too_many)

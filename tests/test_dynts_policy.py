@@ -11,10 +11,12 @@ from conftest import with_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compression_utils import make_state, select
+
 from thinfer import SamplingParams
-from thinfer.compression import CompressionConfig, make_policy
+from thinfer.compression import CompressionConfig
 from thinfer.dynts import ImportancePredictor, save_predictor
-from thinfer.engine.sequence import Sequence
+from thinfer.engine.compression import peak_slots
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +50,14 @@ def test_kept_set_equals_dense_definition(budget, window, ratio, data):
         st.lists(distinct, min_size=length - prompt_len, max_size=length - prompt_len, unique=True)
     )
     config = CompressionConfig("dynts", budget=budget, window=window, ratio=ratio, predictor="x")
-    policy = make_policy(config)
-    policy.scores, policy.positions = list(scores), list(range(length))
-    seq = Sequence(0, "r", 0, [1] * prompt_len, SamplingParams(), None)
-    seq.kv_len = length
-    keep = policy.select(seq)
+    protected = torch.tensor([math.isinf(x) for x in scores])
+    predicted = torch.tensor([0.0 if math.isinf(x) else x for x in scores])
+    state = make_state(config, length, values={"predicted": predicted}, protected=protected)
+    keep = select(config, length, length - prompt_len, state=state, prompt_len=prompt_len)
     expected = dense_dynts_keep(scores, budget, window, ratio)
     assert (keep is None and expected == list(range(length))) or keep.tolist() == expected
-    if keep is not None:  # protected (prompt) slots always survive, in order
-        assert policy.positions[:prompt_len] == list(range(prompt_len))
+    if keep is not None:  # protected (prompt) slots always survive
+        assert set(range(prompt_len)) <= set(keep.tolist())
 
 
 def test_large_budget_changes_nothing(llm, english_prompts, predictor_path):
@@ -96,22 +97,31 @@ def test_saw_tooth_within_budget_and_answer_protected(llm, english_prompts, pred
         for seq in engine.scheduler.running:
             lengths.append(seq.kv_len + 1)  # slots in use once the pending token is written
             assert seq.kv_len + 1 <= budget
-            assert seq.policy.positions[: len(prompt)] == list(range(len(prompt)))
+            # the prompt is protected: its slots are never evicted, so never moved
+            positions = seq.compression.state.positions[: len(prompt)]
+            assert positions.tolist() == list(range(len(prompt)))
     assert max(lengths) == budget and min(lengths[len(prompt) :]) < budget * 0.6  # saw-tooth
     assert engine.kv_cache.num_free_blocks == 128
 
 
-def test_marker_makes_answer_tokens_permanent():
-    config = CompressionConfig("dynts", budget=100, predictor="x", think_end_token_ids=[7, 8])
-    policy = make_policy(config)
-    seq = Sequence(0, "r", 0, [1, 2], SamplingParams(), None)
-    hidden = torch.zeros(4)
-    policy.predictor_for = lambda h: lambda x: torch.tensor(0.5)  # no file needed here
-    for token in [5, 7, 8, 9]:
-        seq.output_token_ids.append(token)
-        seq.num_computed_tokens = seq.num_tokens
-        policy.observe(seq, hidden)
-    assert policy.scores == [math.inf, math.inf, 0.5, math.inf, math.inf, math.inf]
+def test_marker_makes_answer_tokens_permanent(llm, predictor_path):
+    config = {"method": "dynts", "budget": 100, "predictor": predictor_path}
+    params = SamplingParams(
+        max_tokens=6,
+        temperature=0.0,
+        ignore_eos=True,
+        forced_tokens=[5, 7, 8, 9],
+        kv_compression={**config, "think_end_token_ids": [7, 8]},
+    )
+    core = with_engine(llm).engine
+    core.add_request([1, 2], params)
+    core.step()
+    seq = core.scheduler.running[0]
+    while seq.num_computed_tokens < 6:
+        core.step()
+    protected = seq.compression.state.protected[:6].tolist()
+    assert protected == [True, True, False, True, True, True]  # prompt, thinking, answer
+    core.abort_request(seq.request_id)
 
 
 def test_bad_predictor_files(tmp_path, llm, english_prompts):
@@ -142,8 +152,8 @@ def test_bad_predictor_files(tmp_path, llm, english_prompts):
 
 def test_peak_slots_cover_what_can_never_be_evicted():
     config = dict(method="dynts", budget=64, window=16, predictor="head.safetensors")
-    thinking_only = make_policy(CompressionConfig(**config))
-    assert thinking_only.peak_slots(prompt_len=20, max_tokens=1000) == 64
-    assert thinking_only.peak_slots(prompt_len=60, max_tokens=1000) == 60 + 16 + 1
-    with_marker = make_policy(CompressionConfig(**config, think_end_token_ids=(7,)))
-    assert with_marker.peak_slots(prompt_len=20, max_tokens=1000) == 1020  # answer unbounded
+    thinking_only = CompressionConfig(**config)
+    assert peak_slots(thinking_only, prompt_len=20, max_tokens=1000) == 64
+    assert peak_slots(thinking_only, prompt_len=60, max_tokens=1000) == 60 + 16 + 1
+    with_marker = CompressionConfig(**config, think_end_token_ids=(7,))
+    assert peak_slots(with_marker, prompt_len=20, max_tokens=1000) == 1020  # answer unbounded

@@ -1,5 +1,5 @@
-"""KVCache.compact: kept slots move to the front in order, per layer/head when asked, and
-freed blocks return to the pool."""
+"""KVCache.compact: hole filling keeps exactly the chosen slots (moving at most as many as
+were evicted), per layer/head when asked, and freed blocks return to the pool."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from thinfer.attention.torch_paged import gather_kv
+from thinfer.compression.compaction import CompactionPlan, plan_compaction
 from thinfer.config import ModelConfig
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.sequence import Sequence
@@ -56,15 +57,33 @@ def make_cache() -> KVCache:
     return kv
 
 
+def sources(plan: CompactionPlan, length: int) -> torch.Tensor:
+    """Which original slot each slot holds after the plan: [..., new_len]."""
+    slots = torch.arange(length).expand(*plan.dst.shape[:-1], length).clone()
+    plan.apply_to(slots)
+    return slots[..., : plan.new_len]
+
+
+def compact(kv: KVCache, seq: Sequence, keep: torch.Tensor, length: int) -> CompactionPlan:
+    """Compact to the slots `keep` ([n] or [L, H, n] indices); returns the plan."""
+    mask = torch.zeros(*keep.shape[:-1], length, dtype=torch.bool).scatter_(-1, keep, True)
+    plan = plan_compaction(mask, keep.shape[-1])
+    kv.compact(seq, plan)
+    return plan
+
+
 @settings(max_examples=40, deadline=None)
 @given(length=st.integers(1, 60), data=st.data())
 def test_shared_compaction_equals_dense_selection(length, data):
     kv = make_cache()
     seq, dense = filled_sequence(kv, length)
     keep = sorted(data.draw(st.sets(st.integers(0, length - 1), max_size=length)))
-    kv.compact(seq, torch.tensor(keep, dtype=torch.long))
+    plan = compact(kv, seq, torch.tensor(keep, dtype=torch.long), length)
+    held = sources(plan, length)
+    assert sorted(held.tolist()) == keep  # exactly the kept slots
+    assert plan.dst.shape[-1] <= length - len(keep)  # moved no more than were evicted
     assert seq.kv_len == len(keep)
-    assert torch.equal(cached(kv, seq), dense[:, :, keep])
+    assert torch.equal(cached(kv, seq), dense[:, :, held])
     assert len(seq.block_table) == kv.blocks_for(len(keep))
     assert kv.num_free_blocks == 24 - len(seq.block_table)
 
@@ -81,18 +100,21 @@ def test_per_head_compaction_equals_dense_selection(length, data):
             for _ in range(CFG.num_hidden_layers)
         ]
     )
-    kv.compact(seq, keep)
+    plan = compact(kv, seq, keep, length)
+    held = sources(plan, length)
     got = cached(kv, seq)
     for layer in range(CFG.num_hidden_layers):
         for head in range(2):
-            expected = dense[layer, :, keep[layer, head], head]
+            assert held[layer, head].sort().values.tolist() == keep[layer, head].tolist()
+            expected = dense[layer, :, held[layer, head], head]
             assert torch.equal(got[layer, :, :, head], expected)
 
 
-def test_compaction_rejects_bad_indices():
+def test_compaction_rejects_bad_plans():
     kv = make_cache()
     seq, _ = filled_sequence(kv, 10)
-    with pytest.raises(ValueError, match="beyond kv_len"):
-        kv.compact(seq, torch.tensor([3, 10]))
-    with pytest.raises(ValueError, match="keep must be"):
-        kv.compact(seq, torch.zeros(2, 2, dtype=torch.long))
+    empty = torch.empty(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="keeps 11 slots"):
+        kv.compact(seq, CompactionPlan(11, empty, empty))
+    with pytest.raises(ValueError, match="per-head plan"):
+        kv.compact(seq, CompactionPlan(5, torch.zeros(2, 2, 1, dtype=torch.long), empty))

@@ -9,29 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinfer import SamplingParams
+from compression_utils import make_state, select
+
 from thinfer.attention.torch_paged import decode_attention_with_probs, prefill_column_sums
-from thinfer.compression import CompressionConfig, make_policy
-from thinfer.engine.sequence import Sequence
+from thinfer.compression import CompressionConfig
+from thinfer.compression.compaction import plan_compaction
 
 LAYERS, KV_HEADS, GROUP, DIM = 2, 2, 2, 8
-
-
-class FakeCache:
-    """Stands in for KVCache.sequence_keys: the keys of one sequence, [L, n, Hkv, D]."""
-
-    def __init__(self, keys: torch.Tensor) -> None:
-        self.keys = keys
-
-    def sequence_keys(self, seq: Sequence) -> torch.Tensor:
-        return self.keys[:, : seq.kv_len]
-
-
-def fake_seq(kv_len: int, generated: int) -> Sequence:
-    seq = Sequence(0, "r", 0, [1] * (kv_len - generated + 1), SamplingParams(), None)
-    seq.output_token_ids = [2] * generated
-    seq.kv_len = seq.num_computed_tokens = kv_len
-    return seq
 
 
 def top_with_earliest_ties(scores: list[float], count: int) -> list[int]:
@@ -65,28 +49,35 @@ def dense_snapkv_head(queries, keys, layer, head, num_old, kernel):
 
 
 def dense_rkv_head(queries, keys, layer, head, num_old, kernel, lam, threshold):
+    """R-KV as its reference code defines it: importance from the group's max raw logit,
+    softmax over the older keys, mean over the window's queries, max-pooled; redundancy over
+    all keys: cosine similarity, diagonal zeroed, each row's latest near-duplicate column
+    (column 0 when none) zeroed, the column mean, a softmax over all keys."""
     n, w = keys.shape[1], queries.shape[1]
     per_query = []
     for j in range(w):
-        group_rows = [
-            dense_window_probs(queries[layer, j, head * GROUP + g], keys[layer, :, head], n - w + j)
-            for g in range(GROUP)
-        ]
-        per_query.append([max(r[i] for r in group_rows) for i in range(num_old)])
+        logits = []
+        for i in range(num_old):
+            group = [
+                float(queries[layer, j, head * GROUP + g] @ keys[layer, i, head])
+                for g in range(GROUP)
+            ]
+            logits.append(max(group) / math.sqrt(DIM))
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        per_query.append([e / sum(exps) for e in exps])
     importance = dense_pool([sum(r[i] for r in per_query) / w for i in range(num_old)], kernel)
-    k = keys[layer, :num_old, head]
-    unit = [k[i] / k[i].norm() for i in range(num_old)]
-    row_means = []
-    for i in range(num_old):
-        sims = [0.0 if i == j else float(unit[i] @ unit[j]) for j in range(num_old)]
-        near = [j for j in range(num_old) if sims[j] > threshold]
-        if near:
-            sims[max(near)] = 0.0
-        row_means.append(sum(sims) / num_old)
-    top = max(row_means)
-    exps = [math.exp(x - top) for x in row_means]
+    k = keys[layer, :, head]
+    unit = [k[i] / (k[i].norm() + 1e-8) for i in range(n)]
+    sims = [[0.0 if i == j else float(unit[i] @ unit[j]) for j in range(n)] for i in range(n)]
+    for i in range(n):
+        near = [j for j in range(n) if sims[i][j] > threshold]
+        sims[i][max(near) if near else 0] = 0.0
+    column_means = [sum(sims[i][j] for i in range(n)) / n for j in range(n)]
+    top = max(column_means)
+    exps = [math.exp(x - top) for x in column_means]
     redundancy = [e / sum(exps) for e in exps]
-    return [lam * a - (1 - lam) * r for a, r in zip(importance, redundancy)]
+    return [lam * a - (1 - lam) * r for a, r in zip(importance, redundancy[:num_old])]
 
 
 def check_keep(
@@ -107,9 +98,8 @@ def test_snapkv_and_rkv_keep_what_the_dense_definition_keeps(budget, seed, metho
     window = 4
     queries = torch.randn(LAYERS, window, KV_HEADS * GROUP, DIM, generator=gen)
     config = CompressionConfig(method, budget=budget, observation_window=window, interval=4)
-    policy = make_policy(config)
-    policy.queries = queries
-    keep = policy.select(fake_seq(n, generated=8), FakeCache(keys))
+    state = make_state(config, n, LAYERS, KV_HEADS)
+    keep = select(config, n, generated=8, state=state, keys=keys, queries=queries)
     num_old, count = n - window, budget - 1 - window
     expected = {}
     for layer in range(LAYERS):
@@ -125,32 +115,38 @@ def test_snapkv_and_rkv_keep_what_the_dense_definition_keeps(budget, seed, metho
 
 def test_snapkv_waits_for_its_interval():
     config = CompressionConfig("snapkv", budget=10, observation_window=2, interval=8)
-    policy = make_policy(config)
-    policy.queries = torch.randn(LAYERS, 2, KV_HEADS * GROUP, DIM)
-    keys = FakeCache(torch.randn(LAYERS, 20, KV_HEADS, DIM))
-    assert policy.select(fake_seq(15, generated=7), keys) is None  # over budget, not yet
-    assert policy.select(fake_seq(9, generated=8), keys) is None  # on time, under budget
-    assert policy.select(fake_seq(15, generated=8), keys).shape == (LAYERS, KV_HEADS, 9)
+    queries = torch.randn(LAYERS, 2, KV_HEADS * GROUP, DIM)
+    keys = torch.randn(LAYERS, 20, KV_HEADS, DIM)
+
+    def keep(n: int, generated: int) -> torch.Tensor | None:
+        state = make_state(config, n, LAYERS, KV_HEADS)
+        return select(config, n, generated, state=state, keys=keys[:, :n], queries=queries)
+
+    assert keep(15, generated=7) is None  # over budget, not yet
+    assert keep(9, generated=8) is None  # on time, under budget
+    assert keep(15, generated=8).shape == (LAYERS, KV_HEADS, 9)
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(4, 30), st.integers(0, 29), st.integers(1, 12), st.integers(0, 2**31))
 def test_h2o_keeps_heavy_hitters_and_recent(budget, window, steps, seed):
+    """Accumulated attention per token (tracked densely by token position), the heavy
+    hitters plus the recent window kept, through real compactions (slots get reordered)."""
     window = min(window, budget - 1)
     gen = torch.Generator().manual_seed(seed)
-    policy = make_policy(CompressionConfig("h2o", budget=budget, window=window))
-    prompt = budget - 1
-    seq = fake_seq(prompt, generated=0)
-    dense = [[[0.0] * prompt for _ in range(KV_HEADS)] for _ in range(LAYERS)]
-    for _ in range(steps):
-        sums = torch.randint(0, 6, (LAYERS, KV_HEADS, seq.kv_len), generator=gen) / 4  # ties
-        policy.observe_attention(seq, None, sums)
+    config = CompressionConfig("h2o", budget=budget, window=window)
+    n = budget - 1
+    state = make_state(config, n, LAYERS, KV_HEADS)
+    dense = [[dict.fromkeys(range(n), 0.0) for _ in range(KV_HEADS)] for _ in range(LAYERS)]
+    for step in range(steps):
+        n = state.length
+        sums = torch.randint(0, 6, (LAYERS, KV_HEADS, n), generator=gen) / 4  # ties
+        state.value("attention").add_(sums)
         for layer in range(LAYERS):
             for head in range(KV_HEADS):
-                for slot in range(seq.kv_len):
-                    dense[layer][head][slot] += float(sums[layer, head, slot])
-        keep = policy.select(seq)
-        n = seq.kv_len
+                for slot, position in enumerate(state.positions[layer, head].tolist()):
+                    dense[layer][head][position] += float(sums[layer, head, slot])
+        keep = select(config, n, generated=step + 1, state=state)
         if n < budget:
             assert keep is None
         else:
@@ -158,15 +154,19 @@ def test_h2o_keeps_heavy_hitters_and_recent(budget, window, steps, seed):
             for layer in range(LAYERS):
                 for head in range(KV_HEADS):
                     acc = dense[layer][head]
-                    old = top_with_earliest_ties(acc[: n - window], heavy)
-                    kept = old + list(range(n - window, n))
-                    assert keep[layer, head].tolist() == kept
-                    dense[layer][head] = [acc[i] for i in kept]
-            seq.kv_len = keep.shape[-1]
-        seq.kv_len += 1  # the new token is written
+                    old = sorted(acc)[: n - window]
+                    chosen = top_with_earliest_ties([acc[p] for p in old], heavy)
+                    expected = [old[i] for i in chosen] + sorted(acc)[n - window :]
+                    kept = state.positions[layer, head][keep[layer, head]].tolist()
+                    assert sorted(kept) == expected
+                    dense[layer][head] = {p: acc[p] for p in expected}
+            mask = torch.zeros(LAYERS, KV_HEADS, n, dtype=torch.bool)
+            state.apply(plan_compaction(mask.scatter_(-1, keep, True), keep.shape[-1]))
+        position = max(dense[0][0]) + 1  # the new token is written
+        state.append(torch.tensor([position]), torch.zeros(1, dtype=torch.bool))
         for layer in range(LAYERS):
             for head in range(KV_HEADS):
-                dense[layer][head].append(0.0)
+                dense[layer][head][position] = 0.0
 
 
 @settings(max_examples=40, deadline=None)
@@ -182,18 +182,17 @@ def test_recent_window_is_always_kept_and_counts_match(
     method, budget, window, ratio, trigger, data
 ):
     n = data.draw(st.integers(budget, 2 * budget))
+    own = {} if method == "h2o" else {"observation_window": 3}
     config = CompressionConfig(
-        method, budget=budget, window=window, ratio=ratio, trigger=trigger, observation_window=3
+        method, budget=budget, window=window, ratio=ratio, trigger=trigger, **own
     )
-    policy = make_policy(config)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     keys = torch.randn(LAYERS, n, KV_HEADS, DIM, generator=gen)
-    seq = fake_seq(n, generated=128)
+    state = make_state(config, n, LAYERS, KV_HEADS)
     if method == "h2o":
-        policy.observe_attention(seq, None, torch.rand(LAYERS, KV_HEADS, n, generator=gen))
-    else:
-        policy.queries = torch.randn(LAYERS, 3, KV_HEADS * GROUP, DIM, generator=gen)
-    keep = policy.select(seq, FakeCache(keys))
+        state.value("attention").copy_(torch.rand(LAYERS, KV_HEADS, n, generator=gen))
+    queries = torch.randn(LAYERS, 3, KV_HEADS * GROUP, DIM, generator=gen)
+    keep = select(config, n, 128, state=state, keys=keys, queries=queries)
     if trigger == "uniform":
         recent, count = window, math.floor(ratio * (n - window))
     else:

@@ -8,7 +8,9 @@ import torch
 from conftest import with_engine
 
 from thinfer import SamplingParams
-from thinfer.compression import CompressionConfig, make_policy
+from thinfer.compression import CompressionConfig
+from thinfer.compression.compaction import plan_compaction
+from thinfer.compression.selection import SequenceView, select_slots
 
 
 def test_h2o_accumulated_attention_equals_hf_eager(llm, hf_model, english_prompts):
@@ -38,8 +40,9 @@ def test_h2o_accumulated_attention_equals_hf_eager(llm, hf_model, english_prompt
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     expected = torch.stack([a[0].sum(1) for a in attentions])  # [L, Hq, T] column sums
     expected = expected.view(cfg.num_hidden_layers, cfg.num_key_value_heads, group, -1).sum(2)
-    assert seq.policy.scores.shape == expected.shape
-    torch.testing.assert_close(seq.policy.scores, expected, atol=2e-4, rtol=1e-4)
+    received = seq.compression.state.value("attention")  # nothing evicted: slot = position
+    assert received.shape == expected.shape
+    torch.testing.assert_close(received, expected, atol=2e-4, rtol=1e-4)
     core.abort_request(seq.request_id)
 
 
@@ -93,13 +96,14 @@ def test_per_head_methods_evict_different_tokens_per_head(llm, english_prompts):
     core.add_request(english_prompts[5], params)
     core.step()  # prefill: attention accumulated over the whole prompt
     seq = core.scheduler.running[0]
-    tight = make_policy(CompressionConfig("h2o", budget=24, window=4))
-    tight.scores = seq.policy.scores
-    keep = tight.select(seq, core.kv_cache)
-    assert keep is not None and keep.shape[-1] == 23
-    rows = {tuple(row) for row in keep.reshape(-1, 23).tolist()}
+    tight = CompressionConfig("h2o", budget=24, window=4)
+    view = SequenceView(seq.kv_len, 1, len(seq.prompt_token_ids), lambda: seq.all_token_ids)
+    chosen = select_slots(tight, seq.compression.state, view)
+    assert chosen is not None and chosen[1] == 23
+    mask = chosen[0]
+    rows = {tuple(row.nonzero().squeeze(-1).tolist()) for row in mask.reshape(-1, seq.kv_len)}
     assert len(rows) > 1  # heads disagree about which tokens matter
-    core.kv_cache.compact(seq, keep)
+    core.kv_cache.compact(seq, plan_compaction(mask, 23))
     assert seq.kv_len == 23 and len(seq.block_table) == core.kv_cache.blocks_for(23)
     core.abort_request(seq.request_id)
     assert core.kv_cache.num_free_blocks == core.kv_cache.num_blocks

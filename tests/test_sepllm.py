@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import torch
+from compression_utils import select
 from conftest import with_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig
-from thinfer.compression.sepllm import SepLLMPolicy, separator_token_ids
-from thinfer.engine.sequence import Sequence
+from thinfer.compression.methods.sepllm import separator_token_ids
 
 SEPARATORS = frozenset({0, 1})
+SEPARATOR_IDS = torch.tensor(sorted(SEPARATORS))
+
+
+def keep_of(config: CompressionConfig, tokens: list[int]) -> torch.Tensor | None:
+    return select(config, len(tokens), tokens=tokens, resources=SEPARATOR_IDS)
 
 
 def dense_sepllm(tokens: list[int], cap: int, sinks: int, recent: int, budget: int) -> list[int]:
@@ -36,26 +42,15 @@ def test_kept_set_equals_dense_definition(cap, sinks, recent, separators, data):
     config = CompressionConfig(
         "sepllm", budget=cap, sink_tokens=sinks, window=recent, separators=separators
     )
-    policy = SepLLMPolicy(config, SEPARATORS)
-    seq = Sequence(0, "r", 0, tokens, SamplingParams(), None)
-    seq.kv_len = seq.num_computed_tokens = len(tokens)
-    keep = policy.select(seq)
+    keep = keep_of(config, tokens)
     expected = dense_sepllm(tokens, cap, sinks, recent, separators)
     assert (keep is None and expected == list(range(len(tokens)))) or keep.tolist() == expected
-    assert policy.positions == expected
 
 
 def test_fewer_separators_than_the_separator_budget():
     tokens = [0, 1, 0, 1, 0, 5, 5, 5]  # five separators in the middle, budget for six
     config = CompressionConfig("sepllm", budget=8, sink_tokens=0, window=1, separators=6)
-    keep = SepLLMPolicy(config, SEPARATORS).select(_seq(tokens))
-    assert keep.tolist() == [0, 1, 2, 3, 4, 7]
-
-
-def _seq(tokens: list[int]) -> Sequence:
-    seq = Sequence(0, "r", 0, tokens, SamplingParams(), None)
-    seq.kv_len = seq.num_computed_tokens = len(tokens)
-    return seq
+    assert keep_of(config, tokens).tolist() == [0, 1, 2, 3, 4, 7]
 
 
 def test_separator_ids_of_the_real_tokenizer(llm):
@@ -63,6 +58,11 @@ def test_separator_ids_of_the_real_tokenizer(llm):
     for text in [".", ",", "?", "\n", " "]:
         assert llm.tokenizer.encode(text)[0] in ids, text
     assert llm.tokenizer.encode("hello")[0] not in ids
+    # an exact list: runs of newlines or a mark glued to a space are not separators
+    for text in ["\n\n", " ."]:
+        encoded = llm.tokenizer.encode(text)
+        if len(encoded) == 1:
+            assert encoded[0] not in ids, text
 
 
 def test_sepllm_on_the_real_model(llm, english_prompts):

@@ -166,7 +166,7 @@ def _add_gpu_benches(kinds: Any) -> None:
 
 
 def _add_decode_curve(kinds: Any) -> None:
-    from thinfer.compression.config import METHODS, TRIGGERS
+    from thinfer.compression.config import TRIGGERS, all_method_names
 
     dc = kinds.add_parser(
         "decode-curve",
@@ -184,7 +184,7 @@ def _add_decode_curve(kinds: Any) -> None:
     dc.add_argument(
         "--method",
         default="dynts",
-        choices=[m for m in METHODS if m != "full"],
+        choices=[m for m in all_method_names() if m != "full"],
         help="compared with the full cache (default dynts)",
     )
     dc.add_argument("--budget", type=int, default=1024, help="KV slots per sequence (default 1024)")

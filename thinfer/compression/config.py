@@ -1,136 +1,142 @@
-"""`CompressionConfig`: which KV-cache compression a request uses, and its budget.
+"""`CompressionConfig`: which KV-cache compression a request uses, under which schedule.
 
-Two triggers: "native" follows each method's original schedule; "uniform" applies the same
-rule to every method (when the cache reaches `budget` slots, keep the `window` most recent
-plus `floor(ratio * (L - window))` older ones chosen by the method's score) so methods can be
-compared at equal memory.
+Fields shared by every method: `method`, `budget`, `trigger` (the schedule), `window`,
+`ratio`, `scoring`. Every other field belongs to the chosen method's own dataclass
+(`thinfer.compression.methods`); a field of another method, or an unknown one, is a
+ValueError naming it.
+
+Schedules: "native" follows each method's original trigger and interval; "uniform" applies
+one rule to every method (when the cache reaches `budget` slots, keep the `window` most recent
+plus the top `floor(ratio * (L - window))` older ones by the method's score), so methods can
+be compared at equal memory. Scoring: "per_head" (each layer and KV head keeps its own slots;
+H2O, SnapKV and R-KV by default) or "shared" (one score per token, the mean over layers and
+heads, one kept set for all: how the DynTS paper ran these baselines). Methods that score
+tokens, not heads, are always "shared".
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import dataclasses
 from typing import Any
 
-METHODS = ("full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv", "dynts")
-PER_HEAD_METHODS = ("h2o", "snapkv", "rkv")
+from thinfer.compression.method import Method, check_type, method_class
+
 TRIGGERS = ("native", "uniform")
+SCORINGS = ("per_head", "shared")
+COMMON_FIELDS = ("method", "budget", "trigger", "window", "ratio", "scoring")
+# The DynTS paper's recent window: W = 2000 of B = 5000 (R1-Llama and R1-Qwen; 1000-1500 of
+# B = 3000): 2/5 of the budget. The uniform schedule is that paper's rule, so it uses it too.
+UNIFORM_WINDOW_FRACTION = 0.4
 
 
-@dataclass(frozen=True)
+def _method_names() -> tuple[str, ...]:
+    from thinfer.compression.method import METHODS
+
+    method_class("full")  # registers the built-ins
+    return tuple(METHODS)
+
+
 class CompressionConfig:
-    """Per-request compression settings (validated on construction)."""
+    """Per-request compression settings, validated on construction (immutable).
 
-    method: str = "full"
-    budget: int | None = None
-    window: int | None = None
-    ratio: float = 0.3
-    sink_tokens: int = 4
-    trigger: str = "native"
-    predictor: str | None = None
-    think_end_token_ids: tuple[int, ...] | None = None
-    separators: int | None = None
-    interval: int = 128
-    observation_window: int = 8
-    pool_kernel: int = 7
-    redundancy_lambda: float = 0.1
-    redundancy_threshold: float = 0.5
-    reassign_positions: bool = False
+    `CompressionConfig("h2o", budget=256, window=32)`; method fields go in as keywords:
+    `CompressionConfig("snapkv", budget=256, interval=64)`. `params` is the method's own
+    dataclass instance; its fields are also readable as attributes of the config.
+    """
 
-    def __post_init__(self) -> None:
-        self._check_types()
-        if self.method not in METHODS:
+    __slots__ = ("method", "budget", "trigger", "window", "ratio", "scoring", "params")
+
+    method: str
+    budget: int | None
+    trigger: str
+    window: int | None
+    ratio: float
+    scoring: str
+    params: Method
+
+    def __init__(
+        self,
+        method: str = "full",
+        budget: int | None = None,
+        trigger: str = "native",
+        window: int | None = None,
+        ratio: float = 0.3,
+        scoring: str | None = None,
+        **method_fields: Any,
+    ) -> None:
+        check_type("method", method, (str,))
+        cls = method_class(method)
+        own = {f.name for f in dataclasses.fields(cls)}
+        stray = sorted(set(method_fields) - own)
+        if stray:
+            raise ValueError(_stray_message(method, stray, own))
+        check_type("trigger", trigger, (str,))
+        check_type("budget", budget, (int, type(None)))
+        check_type("window", window, (int, type(None)))
+        check_type("ratio", ratio, (int, float))
+        check_type("scoring", scoring, (str, type(None)))
+        if trigger not in TRIGGERS:
+            raise ValueError(f"kv_compression.trigger must be one of {TRIGGERS}, got {trigger!r}")
+        default_scoring = "per_head" if cls.per_head else "shared"
+        scoring = scoring or default_scoring
+        if scoring not in SCORINGS or (scoring == "per_head" and not cls.per_head):
+            allowed = SCORINGS if cls.per_head else ("shared",)
             raise ValueError(
-                f"kv_compression.method: unknown {self.method!r}; available: {', '.join(METHODS)}"
+                f"kv_compression.scoring must be one of {allowed} for {method}, got {scoring!r}"
             )
-        if self.trigger not in TRIGGERS:
+        for name, value in zip(COMMON_FIELDS, (method, budget, trigger, window, float(ratio))):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "scoring", scoring)
+        try:
+            params = cls(**method_fields)
+        except TypeError as e:  # a required field is missing
+            raise ValueError(f"kv_compression: {method}: {e}") from None
+        object.__setattr__(self, "params", params)
+        if method != "full":
+            self._check_common()
+        params.check(self)
+
+    def _check_common(self) -> None:
+        budget = self.budget
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 2:
+            raise ValueError(f"kv_compression.budget must be an integer >= 2, got {budget!r}")
+        if self.window is not None and not 0 <= self.window < budget:
             raise ValueError(
-                f"kv_compression.trigger must be one of {TRIGGERS}, got {self.trigger!r}"
-            )
-        if self.think_end_token_ids is not None:
-            ids = tuple(self.think_end_token_ids)
-            if not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-                raise ValueError("kv_compression.think_end_token_ids must be non-negative ints")
-            object.__setattr__(self, "think_end_token_ids", ids)
-        if self.method == "full":
-            return
-        if self.method == "dynts" and not self.predictor:
-            raise ValueError("kv_compression.predictor: DynTS needs the path of a predictor head")
-        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 2:
-            raise ValueError(f"kv_compression.budget must be an integer >= 2, got {self.budget!r}")
-        if self.window is not None and not 0 <= self.window < self.budget:
-            raise ValueError(
-                f"kv_compression.window must be in [0, budget={self.budget}), got {self.window!r}"
+                f"kv_compression.window must be in [0, budget={budget}), got {self.window!r}"
             )
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"kv_compression.ratio must be in [0, 1), got {self.ratio!r}")
-        if self.separators is not None and not 0 <= self.separators < self.budget:
-            raise ValueError(
-                f"kv_compression.separators must be in [0, budget), got {self.separators!r}"
-            )
-        self._check_per_head_fields()
-        if self.reassign_positions and self.method != "streamingllm":
-            raise ValueError("kv_compression.reassign_positions is a StreamingLLM option")
-        if self.method in ("streamingllm", "sepllm") and not 0 <= self.sink_tokens < self.budget:
-            raise ValueError(
-                f"kv_compression.sink_tokens must be in [0, budget), got {self.sink_tokens!r}"
-            )
 
-    def _check_types(self) -> None:
-        """Wrong types raise ValueError naming the field (never a TypeError later)."""
-        expected: dict[str, tuple[type, ...]] = {
-            "method": (str,),
-            "trigger": (str,),
-            "budget": (int, type(None)),
-            "window": (int, type(None)),
-            "sink_tokens": (int,),
-            "separators": (int, type(None)),
-            "interval": (int,),
-            "observation_window": (int,),
-            "pool_kernel": (int,),
-            "predictor": (str, type(None)),
-            "reassign_positions": (bool,),
-            "ratio": (int, float),
-            "redundancy_lambda": (int, float),
-            "redundancy_threshold": (int, float),
-        }
-        for name, types in expected.items():
-            value = getattr(self, name)
-            is_bool = isinstance(value, bool)
-            if not isinstance(value, types) or (is_bool and bool not in types):
-                kinds = " or ".join("None" if t is type(None) else t.__name__ for t in types)
-                raise ValueError(f"kv_compression.{name} must be {kinds}, got {value!r}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("CompressionConfig is immutable")
 
-    def _check_per_head_fields(self) -> None:
-        limit = self.budget if self.method in ("snapkv", "rkv") else float("inf")
-        checks = [
-            ("interval", self.interval, isinstance(self.interval, int) and self.interval >= 1),
-            (
-                "observation_window",
-                self.observation_window,
-                isinstance(self.observation_window, int) and 1 <= self.observation_window < limit,
-            ),
-            (
-                "pool_kernel",
-                self.pool_kernel,
-                isinstance(self.pool_kernel, int) and self.pool_kernel > 0 and self.pool_kernel % 2,
-            ),
-            ("redundancy_lambda", self.redundancy_lambda, 0.0 <= self.redundancy_lambda <= 1.0),
-            (
-                "redundancy_threshold",
-                self.redundancy_threshold,
-                -1.0 <= self.redundancy_threshold <= 1.0,
-            ),
-        ]
-        for name, value, ok in checks:
-            if not ok:
-                raise ValueError(
-                    f"kv_compression.{name} is out of range: {value!r} (see docs/compression.md)"
-                )
+    def __getattr__(self, name: str) -> Any:
+        params = object.__getattribute__(self, "params")
+        if name in {f.name for f in dataclasses.fields(params)}:
+            return getattr(params, name)
+        raise AttributeError(f"{type(self).__name__} of {self.method!r} has no field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CompressionConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.to_dict().items())))
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"CompressionConfig({body})"
+
+    @property
+    def per_head(self) -> bool:
+        """True when each layer and KV head keeps its own slots."""
+        return self.scoring == "per_head"
 
     @property
     def recent_window(self) -> int:
-        """W: recent tokens the uniform trigger always keeps (default budget // 4)."""
-        return self.window if self.window is not None else (self.budget or 0) // 4
+        """W: recent tokens the uniform schedule always keeps (default 2/5 of the budget)."""
+        if self.window is not None:
+            return self.window
+        return int(UNIFORM_WINDOW_FRACTION * (self.budget or 0))
 
     @classmethod
     def coerce(cls, value: CompressionConfig | dict[str, Any] | None) -> CompressionConfig | None:
@@ -139,12 +145,34 @@ class CompressionConfig:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"kv_compression must be a dict or CompressionConfig, got {value!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"kv_compression: unknown field(s) {', '.join(unknown)}")
+        bad_keys = [k for k in value if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"kv_compression: field names must be strings, got {bad_keys[0]!r}")
         return cls(**value)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dictionary (for reports and JSON)."""
-        return asdict(self)
+        """Plain dictionary of every field, common and the method's (for reports and JSON)."""
+        common = {name: getattr(self, name) for name in COMMON_FIELDS}
+        return {**common, **dataclasses.asdict(self.params)}
+
+
+def _stray_message(method: str, stray: list[str], own: set[str]) -> str:
+    from thinfer.compression.method import METHODS
+
+    owners = {
+        name: [m for m, c in METHODS.items() if name in {f.name for f in dataclasses.fields(c)}]
+        for name in stray
+    }
+    parts = []
+    for name in stray:
+        if owners[name]:
+            parts.append(f"{name!r} belongs to {', '.join(owners[name])}, not {method}")
+        else:
+            parts.append(f"unknown field {name!r}")
+    fields = ", ".join(COMMON_FIELDS + tuple(sorted(own))) or "none"
+    return f"kv_compression: {'; '.join(parts)} (fields of {method}: {fields})"
+
+
+def all_method_names() -> tuple[str, ...]:
+    """Every registered method name, "full" first."""
+    return _method_names()

@@ -1,4 +1,4 @@
-"""Per-KV-head token scores for SnapKV and R-KV, and the per-head keep rule they share.
+"""Per-KV-head token scores for SnapKV and R-KV (keys and queries in position order).
 
 All functions work on one layer at a time (so an R-KV similarity matrix is one layer's
 [Hkv, m, m], never all layers at once) and in float32.
@@ -54,38 +54,38 @@ def rkv_scores(
 ) -> torch.Tensor:
     """R-KV: `weight * I - (1 - weight) * R` over the first `num_old` slots: [Hkv, num_old].
 
-    I (importance): window attention, max over each KV head's query heads, mean over the
-    window's queries, max-pooled. R (redundancy): cosine similarity between the candidate
-    keys with the diagonal zeroed; in each row the most recent key more similar than
-    `threshold` is ignored (so the latest of a group of near-duplicates is not penalised
-    for it); the row mean, then a softmax over the candidates.
+    As in R-KV's reference code: I (importance) takes the raw logits of the window's queries
+    (the last w of the n keys' tokens), the max over each KV head's query heads, a softmax
+    over the `num_old` older keys only, the mean over the queries, then max-pooling.
+    R (redundancy) is computed over all n keys (`key_redundancy`), then cut to the older ones.
     """
-    probs = window_attention(queries, keys)[..., :num_old]
-    importance = max_pool(probs.amax(dim=1).mean(dim=1), kernel)
-    return weight * importance - (1.0 - weight) * key_redundancy(keys[:num_old], threshold)
+    w, num_heads, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    grouped = queries.float().view(w, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    grouped = grouped.permute(1, 2, 0, 3)  # [Hkv, G, w, D]
+    logits = torch.matmul(grouped, keys[:num_old].float().permute(1, 2, 0)[:, None])
+    logits = logits.amax(dim=1) * head_dim**-0.5  # [Hkv, w, num_old]
+    importance = max_pool(torch.softmax(logits, dim=-1).mean(dim=1), kernel)
+    redundancy = key_redundancy(keys, threshold)[:, :num_old]
+    return weight * importance - (1.0 - weight) * redundancy
 
 
 def key_redundancy(keys: torch.Tensor, threshold: float) -> torch.Tensor:
-    """R-KV's redundancy of each of m keys [m, Hkv, D]: [Hkv, m] (a softmax per head)."""
-    m = keys.shape[0]
-    if m == 0:
+    """R-KV's redundancy of each of n keys [n, Hkv, D] (oldest first): [Hkv, n].
+
+    Cosine similarity between keys with the diagonal zeroed; in each row, the column of the
+    latest key more similar than `threshold` is zeroed (column 0 when there is none); then
+    the mean over rows (the *column* mean: among near-duplicates a < b < c, c's column loses
+    the most, so the latest copy gets the lowest redundancy and survives) and a softmax.
+    """
+    n = keys.shape[0]
+    if n == 0:
         return keys.new_zeros(keys.shape[1], 0, dtype=torch.float32)
-    unit = F.normalize(keys.float().transpose(0, 1), dim=-1)  # [Hkv, m, D]
+    unit = keys.float().transpose(0, 1)
+    unit = unit / (unit.norm(dim=-1, keepdim=True) + 1e-8)  # [Hkv, n, D]
     similarity = torch.matmul(unit, unit.transpose(-1, -2))
     similarity.diagonal(dim1=-2, dim2=-1).zero_()
-    near = similarity > threshold
-    columns = torch.arange(m, device=keys.device)
-    latest = torch.where(near, columns, -1).amax(dim=-1, keepdim=True)  # [Hkv, m, 1]
-    similarity.masked_fill_((columns == latest) & near, 0.0)
-    return torch.softmax(similarity.mean(dim=-1), dim=-1)
-
-
-def keep_per_head(scores: torch.Tensor, count: int, kv_len: int) -> torch.Tensor:
-    """Keep rule of the per-head methods: in each head, the `count` best-scored of the first
-    `num_old = scores.shape[-1]` slots (ties: the earlier slot) plus every slot from
-    `num_old` on, ascending. scores [..., num_old] -> indices [..., count + kv_len - num_old]."""
-    num_old = scores.shape[-1]
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
-    chosen = order.sort(dim=-1).values
-    recent = torch.arange(num_old, kv_len, device=scores.device)
-    return torch.cat([chosen, recent.expand(*scores.shape[:-1], -1)], dim=-1)
+    columns = torch.arange(n, device=keys.device)
+    latest = torch.where(similarity > threshold, columns, 0).amax(dim=-1, keepdim=True)
+    similarity.scatter_(-1, latest, 0.0)
+    return torch.softmax(similarity.mean(dim=-2), dim=-1)

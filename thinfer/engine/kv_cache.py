@@ -12,6 +12,7 @@ from collections import deque
 
 import torch
 
+from thinfer.compression.compaction import CompactionPlan
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine.sequence import Sequence
 
@@ -140,58 +141,61 @@ class KVCache:
         self._free.extend(seq.block_table[keep:])
         del seq.block_table[keep:]
 
-    def sequence_keys(self, seq: Sequence) -> torch.Tensor:
-        """A copy of `seq`'s cached keys of every layer: [layers, kv_len, kv_heads, head_dim]."""
+    def _flat_slots(self, seq: Sequence, first: int, count: int) -> torch.Tensor:
+        """Flat slot index (block * block_size + offset) of slots [first, first + count)."""
+        size = self.block_size
         table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
-        keys = self.storage[:, 0].index_select(1, table)  # [L, blocks, block_size, H, D]
-        return keys.flatten(1, 2)[:, : seq.kv_len]
+        slots = torch.arange(first, first + count, device=self.storage.device)
+        return table[slots // size] * size + slots % size
+
+    def layer_keys(self, seq: Sequence, layer: int) -> torch.Tensor:
+        """A copy of `seq`'s cached keys of one layer, in slot order: [kv_len, kv_heads, D].
+
+        Reads only the sequence's own blocks (the layer's K tensor is contiguous), so the
+        cost is proportional to the sequence, never to the pool.
+        """
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.storage.device)
+        keys = self.storage[layer, 0].index_select(0, table)  # [blocks, block_size, H, D]
+        return keys.flatten(0, 1)[: seq.kv_len]
+
+    def read_keys(self, seq: Sequence, first_slot: int, count: int) -> torch.Tensor:
+        """A copy of the keys of slots [first_slot, first_slot + count) of every layer:
+        [layers, count, kv_heads, head_dim]."""
+        flat = self.storage[:, 0].flatten(1, 2)  # [L, num_blocks * block_size, H, D] view
+        return flat[:, self._flat_slots(seq, first_slot, count)]
 
     def write_keys(self, seq: Sequence, first_slot: int, keys: torch.Tensor) -> None:
         """Overwrite the keys of slots [first_slot, first_slot + m) of every layer with keys
         [layers, m, kv_heads, head_dim] (StreamingLLM re-rotates its sinks this way)."""
-        size = self.block_size
-        slots = [
-            seq.block_table[s // size] * size + s % size
-            for s in range(first_slot, first_slot + keys.shape[1])
-        ]
-        index = torch.tensor(slots, dtype=torch.long, device=self.storage.device)
-        flat = self.storage[:, 0].flatten(1, 2)  # [L, num_blocks * block_size, H, D] view
-        flat[:, index] = keys.to(self.storage.dtype)
+        flat = self.storage[:, 0].flatten(1, 2)
+        flat[:, self._flat_slots(seq, first_slot, keys.shape[1])] = keys.to(self.storage.dtype)
 
-    def compact(self, seq: Sequence, keep: torch.Tensor) -> None:
-        """Keep only the slots `keep` of `seq`, moved to the front in order; free the rest.
-
-        `keep` holds slot indices (< seq.kv_len, ascending, unique per row) either shared by
-        all layers and heads, shape [n], or chosen per layer and KV head, shape
-        [layers, kv_heads, n] (the same n everywhere, so tensors stay rectangular: slot i of
-        head h may then hold a different original token than slot i of head h'). Keys keep
-        the rotation of their original absolute position. Freed blocks return to the pool.
-        """
+    def compact(self, seq: Sequence, plan: CompactionPlan) -> None:
+        """Apply a hole-filling plan (`thinfer.compression.compaction`): move slot src[j] to
+        slot dst[j] (in every layer and head for a shared plan [m], in its own layer and KV
+        head for a per-head plan [layers, kv_heads, m]), keep `plan.new_len` slots and free
+        the blocks beyond. Moves at most as many slots as were evicted. Keys keep the
+        rotation of their original absolute position."""
         num_layers, _, _, _, num_heads, head_dim = self.storage.shape
-        count = keep.shape[-1]
-        if keep.dim() not in (1, 3) or (
-            keep.dim() == 3 and keep.shape[:2] != (num_layers, num_heads)
-        ):
+        if plan.new_len > seq.kv_len:
+            raise ValueError(f"plan keeps {plan.new_len} slots, the sequence has {seq.kv_len}")
+        if plan.per_head and tuple(plan.dst.shape[:2]) != (num_layers, num_heads):
             raise ValueError(
-                f"keep must be [n] or [{num_layers}, {num_heads}, n], got {tuple(keep.shape)}"
+                f"a per-head plan must be [{num_layers}, {num_heads}, m], got "
+                f"{tuple(plan.dst.shape)}"
             )
-        if count > seq.kv_len or (count and int(keep.max()) >= seq.kv_len):
-            raise ValueError(f"keep refers to slots beyond kv_len {seq.kv_len}")
-        device = self.storage.device
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=device)
-        positions = torch.arange(seq.kv_len, device=device)
-        flat = table[positions // self.block_size] * self.block_size + positions % self.block_size
-        slots = self.storage.view(num_layers, 2, -1, num_heads, head_dim)
-        source = flat[keep.to(device)]
-        target = flat[:count]
-        if keep.dim() == 1:
-            slots[:, :, target] = slots[:, :, source].clone()
-        else:
-            layer = torch.arange(num_layers, device=device)[:, None, None]
-            head = torch.arange(num_heads, device=device)[None, :, None]
-            moved = slots[layer, :, source, head].clone()  # [L, H, n, 2, D]
-            slots[layer, :, target[None, None, :], head] = moved
-        seq.kv_len = count
+        if plan.dst.shape[-1]:
+            device = self.storage.device
+            flat = self._flat_slots(seq, 0, seq.kv_len)
+            dst, src = flat[plan.dst.to(device)], flat[plan.src.to(device)]
+            slots = self.storage.view(num_layers, 2, -1, num_heads, head_dim)
+            if not plan.per_head:
+                slots[:, :, dst] = slots[:, :, src]
+            else:
+                layer = torch.arange(num_layers, device=device)[:, None, None]
+                head = torch.arange(num_heads, device=device)[None, :, None]
+                slots[layer, :, dst, head] = slots[layer, :, src, head]
+        seq.kv_len = plan.new_len
         self.release_tail(seq)
 
     def swap_out(self, seq: Sequence) -> None:

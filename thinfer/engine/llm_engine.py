@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thinfer.compression import CompressionConfig, CompressionPolicy, make_policy
+from thinfer.compression import CompressionConfig
+from thinfer.compression.method import PrepareContext
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
+from thinfer.engine.compression import CompressionStage, peak_slots
 from thinfer.engine.decode_graphs import build_decode_graphs
 from thinfer.engine.forcing import choose_tokens
 from thinfer.engine.kv_cache import KVCache
-from thinfer.engine.runner import ModelRunner, deliver_signals
+from thinfer.engine.runner import ModelRunner
 from thinfer.engine.sampler import SamplingRow
 from thinfer.engine.scheduler import Scheduler
 from thinfer.engine.sequence import Sequence
@@ -60,8 +62,11 @@ class LLMEngine:
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(config, kv_cache)
+        weight = next(model.parameters())
+        prepare = PrepareContext(model.config.hidden_size, weight.dtype, weight.device, tokenizer)
+        self.compression = CompressionStage(model.config, kv_cache, model.rotary_emb, prepare)
         graphs = build_decode_graphs(config, model, kv_cache, max_model_len)
-        self.runner = ModelRunner(model, kv_cache, device, graphs)
+        self.runner = ModelRunner(model, kv_cache, device, graphs, self.compression.plan_capture)
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
@@ -112,19 +117,18 @@ class LLMEngine:
         if any(t >= vocab for t in params.forced_tokens):
             raise ValueError(f"forced_tokens: token ids must be below the vocabulary size {vocab}")
         capacity = self.kv_cache.capacity_tokens
-        policy = self._policy_for(params)
-        weight = next(self.model.parameters())
-        policy.prepare(self.model_config.hidden_size, weight.dtype, weight.device)
-        peak = policy.peak_slots(prompt_len, params.max_tokens)
+        config = self._compression_for(params)
+        if config is not None:
+            self.compression.resources(config)  # a bad predictor file fails here
+        peak = peak_slots(config, prompt_len, params.max_tokens)
         if peak > capacity:
             raise ValueError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs up to "
                 f"{peak} KV slots and can never fit in the KV cache of {capacity} tokens"
             )
 
-    def _policy_for(self, params: SamplingParams) -> CompressionPolicy:
-        config = params.kv_compression or self.default_compression
-        return make_policy(config, self.tokenizer)  # type: ignore[arg-type]
+    def _compression_for(self, params: SamplingParams) -> CompressionConfig | None:
+        return params.kv_compression or self.default_compression  # type: ignore[return-value]
 
     def add_request(
         self,
@@ -149,7 +153,7 @@ class LLMEngine:
                 seed = params.seed + index if params.seed is not None else self._next_seed()
                 generator = torch.Generator().manual_seed(seed)
             seq = Sequence(next(self._seq_ids), request_id, index, ids, params, generator, now)
-            seq.policy = self._policy_for(params)
+            self.compression.attach(seq, self._compression_for(params))
             start_detokenizer(seq)
             seqs.append(seq)
         request = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
@@ -194,16 +198,13 @@ class LLMEngine:
             return []
         kv_before = [item.seq.kv_len for item in batch]
         logits, hidden, capture = self.runner.execute(batch)
-        if capture is not None:
-            deliver_signals(batch, capture)
+        self.compression.observe(batch, capture, hidden)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
         sampled = choose_tokens(logits, sampling, rows)
         now = time.monotonic()
         touched: dict[str, _Request] = {}
-        for row, (seq, token) in enumerate(zip(sampling, sampled, strict=True)):
-            if seq.policy is not None and seq.policy.needs_hidden_states:
-                seq.policy.observe(seq, hidden[row])
+        for seq, token in zip(sampling, sampled, strict=True):
             self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
             touched[seq.request_id] = self._requests[seq.request_id]
         outputs = [self._make_output(request, now) for request in touched.values()]
@@ -250,16 +251,7 @@ class LLMEngine:
             seq.finished_time = now
             self.scheduler.finish(seq)
             return
-        self._compress(seq)
-
-    def _compress(self, seq: Sequence) -> None:
-        """Let the sequence's policy evict slots before its new token is written."""
-        if seq.policy is None:
-            return
-        keep = seq.policy.select(seq, self.kv_cache)
-        if keep is not None:
-            self.kv_cache.compact(seq, keep)
-            seq.policy.after_compact(seq, self.kv_cache, self.model.rotary_emb)
+        self.compression.compress(seq)  # evict before the new token is written
 
     def _make_output(self, request: _Request, now: float) -> RequestOutput:
         outputs = []

@@ -7,6 +7,7 @@ other step runs eagerly on tensors built for exactly that batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -24,49 +25,23 @@ class StepOutput(NamedTuple):
 
     logits: torch.Tensor  # [num_sampling_seqs, vocab], in batch order
     hidden: torch.Tensor  # [num_sampling_seqs, hidden]: final hidden state of those rows
-    capture: AttentionCapture | None  # attention signals for compression policies
+    capture: AttentionCapture | None  # attention signals for compression
 
 
-def plan_capture(
-    batch: list[ScheduledSequence], query_starts: list[int]
-) -> AttentionCapture | None:
-    """The attention signals this batch's compression policies need, or None."""
-    query_rows: dict[int, tuple[int, int]] = {}
-    column_sums: set[int] = set()
-    for index, item in enumerate(batch):
-        policy = item.seq.policy
-        if policy is None:
-            continue
-        end = query_starts[index] + item.num_tokens
-        if policy.query_window:
-            query_rows[index] = (end - min(item.num_tokens, policy.query_window), end)
-        if policy.needs_attention_sums:
-            column_sums.add(index)
-    if not query_rows and not column_sums:
-        return None
-    return AttentionCapture(query_rows, column_sums)
+CapturePlanner = Callable[[list[ScheduledSequence], list[int]], AttentionCapture | None]
 
 
-def deliver_signals(batch: list[ScheduledSequence], capture: AttentionCapture) -> None:
-    """Hand each policy the attention signals `plan_capture` collected for it."""
-    for index, item in enumerate(batch):
-        policy = item.seq.policy
-        if policy is not None and (policy.query_window or policy.needs_attention_sums):
-            policy.observe_attention(item.seq, capture.queries(index), capture.column_sums(index))
-
-
-def is_plain_decode(batch: list[ScheduledSequence]) -> bool:
-    """True when every sequence decodes one token and samples it, and no compression policy
-    wants attention signals from the step (so `meta.capture` would be None)."""
-    return all(item.num_tokens == 1 and item.samples for item in batch) and (
-        plan_capture(batch, list(range(len(batch)))) is None
-    )
+def no_capture(batch: list[ScheduledSequence], query_starts: list[int]) -> None:
+    """The planner of a runner without compression: no step records attention signals."""
+    return None
 
 
 class ModelRunner:
     """Owns the model and the cache tensors; one `execute` call per engine step.
 
-    With `decode_graphs`, plain decode steps that fit its buffers run through it.
+    With `decode_graphs`, plain decode steps that fit its buffers run through it: steps
+    where every sequence decodes one sampled token and `plan_capture` (the engine's
+    compression stage) wants no attention signal.
     """
 
     def __init__(
@@ -75,17 +50,26 @@ class ModelRunner:
         kv_cache: KVCache,
         device: torch.device,
         decode_graphs: DecodeGraphs | None = None,
+        plan_capture: CapturePlanner = no_capture,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.layer_caches = kv_cache.layer_caches()
         self.decode_graphs = decode_graphs
+        self.plan_capture = plan_capture
+
+    def is_plain_decode(self, batch: list[ScheduledSequence]) -> bool:
+        """True when every sequence decodes one sampled token and no attention signal is
+        wanted from the step."""
+        return all(item.num_tokens == 1 and item.samples for item in batch) and (
+            self.plan_capture(batch, list(range(len(batch)))) is None
+        )
 
     def runs_static(self, batch: list[ScheduledSequence]) -> bool:
         """True when this batch goes through the static decode path."""
         graphs = self.decode_graphs
-        return graphs is not None and is_plain_decode(batch) and graphs.fits(batch)
+        return graphs is not None and self.is_plain_decode(batch) and graphs.fits(batch)
 
     def prepare(
         self, batch: list[ScheduledSequence]
@@ -129,7 +113,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             block_size=self.kv_cache.block_size,
             decode_groups=plan_decode_groups(context_lens[:num_decodes]),
-            capture=plan_capture(batch, query_starts),
+            capture=self.plan_capture(batch, query_starts),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
@@ -138,7 +122,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> StepOutput:
         """Run one step: logits and final hidden states of the sampled rows, and the
-        attention signals the batch's policies asked for.
+        attention signals the compression stage asked for.
 
         Advances every scheduled sequence's `num_computed_tokens` and `kv_len`.
         """

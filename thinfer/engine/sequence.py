@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from thinfer.compression.policies import CompressionPolicy
+    from thinfer.engine.compression import SequenceCompression
 
 from thinfer.sampling_params import SamplingParams
 
@@ -58,7 +58,7 @@ class Sequence:
     finished_time: float | None = None
     detok_prefix_offset: int = 0
     detok_read_offset: int = 0
-    policy: CompressionPolicy | None = None
+    compression: SequenceCompression | None = None  # set by the compression stage
     forced_logprobs: list[float] = field(default_factory=list)  # of params.forced_tokens
 
     @property

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thinfer.compression.config import METHODS, CompressionConfig
+from thinfer.compression.config import CompressionConfig, all_method_names
 from thinfer.eval.dataset import Problem, load_problems
 from thinfer.eval.generation import generate_with_peaks
 from thinfer.eval.scoring import Grader, score_method
@@ -33,9 +33,9 @@ def parse_methods(text: str) -> list[str]:
     if not methods:
         raise ValueError("--methods is empty")
     for method in methods:
-        if method not in METHODS:
+        if method not in all_method_names():
             raise ValueError(
-                f"--methods: unknown method {method!r}; available: {', '.join(METHODS)}"
+                f"--methods: unknown method {method!r}; available: {', '.join(all_method_names())}"
             )
     if len(set(methods)) != len(methods):
         raise ValueError(f"--methods lists a method twice: {text}")
@@ -66,7 +66,7 @@ def compression_for(
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Check everything that does not need the model; return the methods."""
     if args.methods is None:
-        default = [m for m in METHODS if m != "dynts" or args.predictor]
+        default = [m for m in all_method_names() if m != "dynts" or args.predictor]
         methods = parse_methods(",".join(default))
     else:
         methods = parse_methods(args.methods)

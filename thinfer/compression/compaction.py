@@ -1,0 +1,79 @@
+"""Compaction by hole filling: an eviction of k slots moves at most k slots.
+
+Attention does not depend on slot order (positions are absolute and applied before keys are
+cached), so after choosing which slots to keep, the kept slots beyond the new length move into
+the evicted slots below it; nothing else moves and the tail blocks are freed. Slots therefore
+stop being in token order once anything was evicted; `SlotState.positions` says which token
+each slot holds. Plans are rectangular: with per-head selection every layer and KV head keeps
+the same number of slots, and rows that move fewer slots pad with moves of a slot onto itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CompactionPlan:
+    """Move slot `src[..., j]` to slot `dst[..., j]`, then keep the first `new_len` slots.
+
+    `dst`/`src` have shape [m] (one plan for all layers and heads) or [layers, kv_heads, m].
+    """
+
+    new_len: int
+    dst: torch.Tensor
+    src: torch.Tensor
+
+    @property
+    def per_head(self) -> bool:
+        """True when each layer and KV head moves its own slots."""
+        return self.dst.dim() == 3
+
+    def apply_to(self, array: torch.Tensor) -> None:
+        """Apply the moves to a per-slot array [..., capacity] (same prefix as the plan, or
+        any prefix for a shared plan)."""
+        if self.dst.shape[-1] == 0:
+            return
+        if self.per_head:
+            array.scatter_(-1, self.dst, array.gather(-1, self.src))
+        else:
+            array[..., self.dst] = array[..., self.src]
+
+
+def plan_compaction(keep: torch.Tensor, new_len: int) -> CompactionPlan:
+    """The hole-filling plan for a keep mask [..., n] with `new_len` True in every row."""
+    n = keep.shape[-1]
+    moves = min(n - new_len, new_len)
+    if moves == 0:
+        empty = torch.empty(*keep.shape[:-1], 0, dtype=torch.long, device=keep.device)
+        return CompactionPlan(new_len, empty, empty)
+    front, tail = keep[..., :new_len], keep[..., new_len:]
+    # holes first in the front, kept slots first in the tail (stable: in slot order)
+    holes = torch.sort(front.to(torch.int8), dim=-1, stable=True).indices[..., :moves]
+    movers = torch.sort((~tail).to(torch.int8), dim=-1, stable=True).indices[..., :moves]
+    num_holes = (~front).sum(dim=-1, keepdim=True)
+    valid = torch.arange(moves, device=keep.device) < num_holes
+    src = torch.where(valid, movers + new_len, holes)
+    return CompactionPlan(new_len, holes, src)
+
+
+def keep_indices(scores: torch.Tensor, count: int, kv_len: int) -> torch.Tensor:
+    """The keep rule every schedule uses, in position order.
+
+    `scores` [..., num_old] rate the oldest `num_old` entries; the rest (the recent window)
+    are always kept. Of the old ones keep the `count` best (ties: the older), but never one
+    scored -inf (the count shrinks to what remains) and always every one scored +inf (the
+    count grows to cover them). Returns ascending indices [..., kept + kv_len - num_old].
+    """
+    num_old = scores.shape[-1]
+    if num_old:
+        keepable = int((scores > float("-inf")).sum(dim=-1).min())
+        forced = int(torch.isposinf(scores).sum(dim=-1).max())
+        count = max(min(count, keepable), forced)
+    count = min(count, num_old)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    chosen = order.sort(dim=-1).values
+    recent = torch.arange(num_old, kv_len, device=scores.device)
+    return torch.cat([chosen, recent.expand(*scores.shape[:-1], -1)], dim=-1)
