@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from compression_utils import make_state, select
 from conftest import with_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from compression_utils import make_state, select
 
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig

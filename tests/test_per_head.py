@@ -6,10 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+from compression_utils import make_state, select
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from compression_utils import make_state, select
 
 from thinfer.attention.torch_paged import decode_attention_with_probs, prefill_column_sums
 from thinfer.compression import CompressionConfig
