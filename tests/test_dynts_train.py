@@ -11,12 +11,25 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli
 
+import thinfer.dynts.train as train_module
 from thinfer.cli import main
-from thinfer.compression.predictor import load_predictor
+from thinfer.compression.predictor import ImportancePredictor, load_predictor
 from thinfer.dynts.feature_file import FORMAT, VERSION, load_features, save_features
 from thinfer.dynts.traces import Trace, write_traces
-from thinfer.dynts.train import TrainConfig, make_schedule, train_from_file, train_predictor
-from thinfer.dynts.train_data import split_by_trace, transform_labels
+from thinfer.dynts.train import (
+    TrainConfig,
+    accumulate_batch_gradient,
+    make_schedule,
+    train_from_file,
+    train_predictor,
+    weighted_mse,
+)
+from thinfer.dynts.train_data import (
+    epoch_batches,
+    resolve_batch_size,
+    split_by_trace,
+    transform_labels,
+)
 
 HIDDEN = 16
 
@@ -53,11 +66,23 @@ def synthetic_features(num_traces: int = 30, tokens: int = 120, seed: int = 0) -
     }
 
 
-def test_learns_a_synthetic_importance(tmp_path):
+@pytest.mark.parametrize(
+    "unit,batch,steps,epochs,lr", [("tokens", 64, 38, 6, 3e-3), ("traces", 2, 12, 8, 1e-2)]
+)
+def test_learns_a_synthetic_importance(tmp_path, unit, batch, steps, epochs, lr):
     path = str(tmp_path / "features.pt")
     save_features(path, synthetic_features())
-    config = TrainConfig(epochs=6, lr=3e-3, batch_size=64, val_fraction=0.2, label_transform="none")
+    config = TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch,
+        batch_unit=unit,
+        val_fraction=0.2,
+        label_transform="none",
+    )
     report = train_from_file(path, str(tmp_path / "head.safetensors"), config)
+    assert report["batch_unit"] == unit and report["batch_size"] == batch
+    assert report["steps_per_epoch"] == steps and report["optimizer_steps"] == epochs * steps
     mses = [row["val_mse"] for row in report["metrics"]]
     assert mses[-1] < 0.1 * mses[0] and mses[-1] < 0.05
     assert report["final"]["val_top20_overlap"] > 0.8
@@ -75,6 +100,10 @@ def test_learns_a_synthetic_importance(tmp_path):
         "num_traces",
         "num_train_tokens",
         "num_val_tokens",
+        "batch_unit",
+        "batch_size",
+        "steps_per_epoch",
+        "optimizer_steps",
     ):
         assert key in saved
     assert saved["label_transform"] == "none" and saved["hidden_size"] == HIDDEN
@@ -92,6 +121,54 @@ def test_same_seed_same_head_and_auto_transform():
     assert report["label_transform"] == "qwen" and report["label_transform_requested"] == "auto"
     other, _ = train_predictor(features, TrainConfig(epochs=2, seed=4))
     assert not torch.equal(other.fc1.weight, first.fc1.weight)
+
+
+def test_batches_are_whole_traces_or_tokens():
+    lengths = [3, 5, 2, 4, 1, 6, 2]  # 23 tokens laid end to end
+    gen = torch.Generator().manual_seed(0)
+    ranges = []
+    start = 0
+    for length in lengths:
+        ranges.append(set(range(start, start + length)))
+        start += length
+    batches = epoch_batches(lengths, "traces", 3, gen)
+    assert len(batches) == 3  # ceil(7 traces / 3)
+    assert sorted(torch.cat(batches).tolist()) == list(range(23))
+    for batch in batches:
+        members = [r for r in ranges if r & set(batch.tolist())]
+        assert set().union(*members) == set(batch.tolist())  # only whole traces
+    assert [len([r for r in ranges if r <= set(b.tolist())]) for b in batches] == [3, 3, 1]
+    tokens = epoch_batches(lengths, "tokens", 4, gen)
+    assert [b.numel() for b in tokens] == [4, 4, 4, 4, 4, 3]
+    assert sorted(torch.cat(tokens).tolist()) == list(range(23))
+    assert resolve_batch_size(None, "traces", 6900) == 256  # the published batch
+    assert resolve_batch_size(None, "traces", 180) == 7  # ~27 steps per epoch
+    assert resolve_batch_size(None, "tokens", 180) == 256
+    assert resolve_batch_size(100, "traces", 180) == 100
+    with pytest.raises(ValueError, match="batch unit"):
+        TrainConfig(batch_unit="rows").check()
+
+
+def test_trace_batch_gradient_is_the_mean_over_its_thinking_tokens(monkeypatch):
+    torch.manual_seed(0)
+    head = ImportancePredictor(HIDDEN)
+    lengths = [9, 2, 14]  # unequal, so a mean of per-trace means would differ
+    hidden = torch.randn(sum(lengths), HIDDEN)
+    labels = torch.rand(sum(lengths)) * 6  # some in the x5 band [4, 5)
+    (batch,) = epoch_batches(lengths, "traces", 3, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(train_module, "TRAIN_CHUNK", 4)  # several accumulated chunks
+    loss = accumulate_batch_gradient(head, hidden, labels, batch)
+    chunked = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    expected = weighted_mse(head(hidden), labels)
+    expected.backward()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    for got, want in zip(chunked, (p.grad for p in head.parameters())):
+        torch.testing.assert_close(got, want)
+    head.zero_grad()
+    pieces = zip(hidden.split(lengths), labels.split(lengths))
+    torch.stack([weighted_mse(head(h), y) for h, y in pieces]).mean().backward()
+    assert not torch.allclose(chunked[0], head.fc1.weight.grad)
 
 
 def test_split_is_by_trace_and_label_transforms():

@@ -106,6 +106,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        batch_unit=args.batch_unit,
         val_fraction=args.val_fraction,
         label_transform=args.label_transform,
         seed=args.seed,
@@ -120,6 +121,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     print(
         f"trained on {report['num_train_traces']} traces ({report['num_train_tokens']} tokens), "
+        f"batches of {report['batch_size']} {report['batch_unit']}, "
+        f"{report['optimizer_steps']} optimizer steps, "
         f"label transform {report['label_transform']}: {metrics} -> {args.output}"
     )
     return 0
@@ -128,21 +131,36 @@ def _train(args: argparse.Namespace) -> int:
 def add_train_command(commands: Any) -> None:
     """`thinfer dynts train`: fit the importance head on a features file."""
     from thinfer.dynts.train import TrainConfig
-    from thinfer.dynts.train_data import LABEL_TRANSFORMS
+    from thinfer.dynts.train_data import BATCH_UNITS, LABEL_TRANSFORMS, PUBLISHED_BATCH
 
     d = TrainConfig()
     p = commands.add_parser(
         "train",
         help="train the DynTS importance head on cached features",
         description="MSE on thinking tokens of rescaled labels (x5 weight on rescaled labels "
-        "in [4, 5)), AdamW, cosine schedule with 10%% warm-up, gradient clip 1. Writes the "
-        "head (safetensors) and OUTPUT.json with the config and per-epoch metrics.",
+        "in [4, 5)), AdamW, cosine schedule with 10%% warm-up, gradient clip 1; a batch is "
+        "whole traces (the published recipe) or tokens. Writes the head (safetensors) and "
+        "OUTPUT.json with the config, the batches and steps taken and per-epoch metrics.",
     )
     p.add_argument("--features", required=True, help="file written by `thinfer dynts label`")
     p.add_argument("--output", required=True, help="head to write (safetensors)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per step")
+    p.add_argument(
+        "--batch-unit",
+        default=d.batch_unit,
+        choices=list(BATCH_UNITS),
+        help="what --batch-size counts: whole traces (all their thinking tokens in the loss; "
+        "the published recipe) or thinking tokens drawn from all traces",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"traces or tokens per optimizer step (default: {PUBLISHED_BATCH} tokens, or "
+        f"{PUBLISHED_BATCH} traces capped so an epoch has the published ~27 steps; "
+        "see docs/dynts.md)",
+    )
     p.add_argument(
         "--val-fraction", type=float, default=d.val_fraction, help="share of traces held out"
     )

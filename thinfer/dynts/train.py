@@ -3,9 +3,11 @@
 The published recipe: MSE on thinking positions only, labels rescaled (x1e4 "llama" style or
 10*y^0.3/0.3 "qwen" style), weight x5 on rescaled labels in [4, 5), AdamW (lr 5e-4, betas
 0.9/0.95, weight decay 0.01), cosine schedule with 10% linear warm-up, gradient clip 1,
-token-level batches of 256. Validation holds out whole traces and reports the MSE (rescaled
-labels) and how much of each trace's true top-20% of thinking tokens the head's top-20%
-recovers.
+batches of 256 whole traces (the loss of a step: the mean over every thinking token of the
+batch's traces). Batches of tokens are offered too, and small corpora get a smaller trace batch
+by default (`resolve_batch_size`). Validation holds out whole traces and reports the MSE
+(rescaled labels) and how much of each trace's true top-20% of thinking tokens the head's
+top-20% recovers.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from tqdm import tqdm
 from thinfer.compression.predictor import ImportancePredictor, save_predictor
 from thinfer.dynts.feature_file import load_features
 from thinfer.dynts.train_data import (
+    BATCH_UNITS,
     LABEL_TRANSFORMS,
     TrainingData,
     build_training_data,
+    epoch_batches,
+    resolve_batch_size,
     resolve_transform,
 )
 
@@ -30,6 +35,7 @@ UPWEIGHT_BAND = (4.0, 5.0)  # rescaled labels in [low, high) weigh UPWEIGHT in t
 UPWEIGHT = 5.0
 TOP_FRACTION = 0.2
 EVAL_BATCH = 8192
+TRAIN_CHUNK = 8192  # tokens per forward/backward; a larger batch accumulates gradients
 
 
 @dataclass
@@ -38,7 +44,8 @@ class TrainConfig:
 
     epochs: int = 15
     lr: float = 5e-4
-    batch_size: int = 256
+    batch_size: int | None = None  # None: auto (see train_data.resolve_batch_size)
+    batch_unit: str = "traces"
     val_fraction: float = 0.1
     label_transform: str = "auto"
     seed: int = 0
@@ -53,8 +60,12 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.batch_unit not in BATCH_UNITS:
+            raise ValueError(
+                f"batch unit must be one of {', '.join(BATCH_UNITS)}, got {self.batch_unit!r}"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction}")
         if self.label_transform not in LABEL_TRANSFORMS:
@@ -81,9 +92,28 @@ def make_schedule(
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean of (pred - target)^2, x UPWEIGHT where the target is in UPWEIGHT_BAND."""
+    return weighted_sse(pred, target) / target.numel()
+
+
+def weighted_sse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum of (pred - target)^2, x UPWEIGHT where the target is in UPWEIGHT_BAND."""
     low, high = UPWEIGHT_BAND
     weight = torch.where((target >= low) & (target < high), UPWEIGHT, 1.0)
-    return (weight * (pred - target) ** 2).mean()
+    return (weight * (pred - target) ** 2).sum()
+
+
+def accumulate_batch_gradient(
+    head: ImportancePredictor, hidden: torch.Tensor, labels: torch.Tensor, batch: torch.Tensor
+) -> float:
+    """Backpropagate the weighted MSE over all tokens `batch` indexes (the mean over the
+    batch's tokens), TRAIN_CHUNK tokens at a time so a batch of many traces fits in memory;
+    gradients add up in the head's .grad. Returns the batch loss."""
+    total = 0.0
+    for chunk in batch.split(TRAIN_CHUNK):
+        loss = weighted_sse(head(hidden[chunk]), labels[chunk]) / batch.numel()
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 @torch.no_grad()
@@ -128,22 +158,24 @@ def train_predictor(
         head.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
     )
     num_tokens = data.train_labels.numel()
-    steps_per_epoch = -(-num_tokens // config.batch_size)
+    lengths = data.train_lengths
+    batch_size = resolve_batch_size(config.batch_size, config.batch_unit, len(lengths))
+    unit_count = len(lengths) if config.batch_unit == "traces" else num_tokens
+    steps_per_epoch = -(-unit_count // batch_size)
     schedule = make_schedule(optimizer, config.epochs * steps_per_epoch, config.warmup_fraction)
-    metrics = []
+    metrics, steps = [], 0
     epochs = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in epochs:
         head.train()
-        order = torch.randperm(num_tokens, generator=gen)
         total_loss = 0.0
-        for batch in order.split(config.batch_size):
-            loss = weighted_mse(head(data.train_hidden[batch]), data.train_labels[batch])
+        for batch in epoch_batches(lengths, config.batch_unit, batch_size, gen):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = accumulate_batch_gradient(head, data.train_hidden, data.train_labels, batch)
             torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
             optimizer.step()
             schedule.step()
-            total_loss += float(loss.detach()) * batch.numel()
+            steps += 1
+            total_loss += loss * batch.numel()
         head.eval()
         row = {"epoch": epoch, "train_loss": total_loss / num_tokens, **evaluate(head, data)}
         metrics.append(row)
@@ -153,8 +185,12 @@ def train_predictor(
         "hidden_size": features["hidden_size"],
         "model": features.get("model", ""),
         "label_transform": transform,
-        **{k: v for k, v in asdict(config).items() if k != "label_transform"},
+        **{k: v for k, v in asdict(config).items() if k not in ("label_transform", "batch_size")},
         "label_transform_requested": config.label_transform,
+        "batch_size": batch_size,
+        "batch_size_requested": "auto" if config.batch_size is None else config.batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer_steps": steps,
         "upweight": {"band": list(UPWEIGHT_BAND), "weight": UPWEIGHT},
         "num_traces": len(features["traces"]),
         "num_train_traces": len(data.train_ids),

@@ -1,13 +1,18 @@
-"""Training data for the DynTS head: label rescales, the split by trace, token tensors."""
+"""Training data for the DynTS head: label rescales, the split by trace, token tensors, and
+the batches (of whole traces or of tokens) that make up an epoch."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
 
 LABEL_TRANSFORMS = ("auto", "llama", "qwen", "none")
 AUTO_TRANSFORM = "qwen"
+BATCH_UNITS = ("traces", "tokens")
+PUBLISHED_BATCH = 256  # the reference's train_batch_size (whole traces)
+PUBLISHED_STEPS_PER_EPOCH = 27  # 256-trace batches on ~7k MATH traces (15 epochs -> step 405)
 
 
 def transform_labels(labels: torch.Tensor, name: str) -> torch.Tensor:
@@ -38,6 +43,7 @@ class TrainingData(NamedTuple):
     val_labels: list[torch.Tensor]  # per validation trace [n_i], rescaled
     train_ids: list[str]
     val_ids: list[str]
+    train_lengths: list[int]  # thinking tokens of each training trace, in train_hidden order
 
 
 def split_by_trace(num_traces: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -74,4 +80,39 @@ def build_training_data(
         val_labels=[y for _, y in val],
         train_ids=[str(usable[i].get("id", i)) for i in train_index],
         val_ids=[str(usable[i].get("id", i)) for i in val_index],
+        train_lengths=[y.numel() for _, y in train],
     )
+
+
+def resolve_batch_size(batch_size: int | None, unit: str, num_train_traces: int) -> int:
+    """The batch size used: `batch_size` when given; otherwise (auto) PUBLISHED_BATCH tokens,
+    or PUBLISHED_BATCH traces capped at ceil(num_train_traces / PUBLISHED_STEPS_PER_EPOCH) so a
+    small corpus still gets the published ~27 optimizer steps per epoch (docs/dynts.md)."""
+    if unit not in BATCH_UNITS:
+        raise ValueError(f"batch unit must be one of {', '.join(BATCH_UNITS)}, got {unit!r}")
+    if batch_size is not None:
+        return batch_size
+    if unit == "tokens":
+        return PUBLISHED_BATCH
+    return min(PUBLISHED_BATCH, max(1, math.ceil(num_train_traces / PUBLISHED_STEPS_PER_EPOCH)))
+
+
+def epoch_batches(
+    lengths: list[int], unit: str, batch_size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """One epoch's batches as indices into the flat training tokens (traces laid end to end
+    with `lengths` tokens each). "traces": the traces shuffled and cut into groups of
+    `batch_size` whole traces, every thinking token of each in its batch; "tokens": all
+    tokens shuffled and cut into groups of `batch_size`."""
+    if unit == "tokens":
+        return list(torch.randperm(sum(lengths), generator=generator).split(batch_size))
+    if unit != "traces":
+        raise ValueError(f"batch unit must be one of {', '.join(BATCH_UNITS)}, got {unit!r}")
+    starts = [0]
+    for length in lengths[:-1]:
+        starts.append(starts[-1] + length)
+    order = torch.randperm(len(lengths), generator=generator)
+    return [
+        torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in group.tolist()])
+        for group in order.split(batch_size)
+    ]
