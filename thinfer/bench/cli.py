@@ -236,3 +236,6 @@ def add_bench_parser(subparsers: Any) -> None:
 
     _add_decode_curve(kinds)
     _add_gpu_benches(kinds)
+    from thinfer.bench.compaction import add_parser as add_compaction
+
+    add_compaction(kinds)

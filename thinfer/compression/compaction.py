@@ -77,3 +77,13 @@ def keep_indices(scores: torch.Tensor, count: int, kv_len: int) -> torch.Tensor:
     chosen = order.sort(dim=-1).values
     recent = torch.arange(num_old, kv_len, device=scores.device)
     return torch.cat([chosen, recent.expand(*scores.shape[:-1], -1)], dim=-1)
+
+
+def plan_in_order(keep: torch.Tensor, new_len: int) -> CompactionPlan:
+    """Compaction that moves every kept slot to the front in slot order (what thinfer did
+    before hole filling: O(kept) moves per eviction). Kept as the peer of
+    `thinfer bench compaction`."""
+    slots = torch.arange(keep.shape[-1], device=keep.device).expand_as(keep)
+    src = slots[keep].view(*keep.shape[:-1], new_len)
+    dst = torch.arange(new_len, device=keep.device).expand_as(src).contiguous()
+    return CompactionPlan(new_len, dst, src)

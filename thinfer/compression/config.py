@@ -29,13 +29,6 @@ COMMON_FIELDS = ("method", "budget", "trigger", "window", "ratio", "scoring")
 UNIFORM_WINDOW_FRACTION = 0.4
 
 
-def _method_names() -> tuple[str, ...]:
-    from thinfer.compression.method import METHODS
-
-    method_class("full")  # registers the built-ins
-    return tuple(METHODS)
-
-
 class CompressionConfig:
     """Per-request compression settings, validated on construction (immutable).
 
@@ -173,6 +166,12 @@ def _stray_message(method: str, stray: list[str], own: set[str]) -> str:
     return f"kv_compression: {'; '.join(parts)} (fields of {method}: {fields})"
 
 
+BUILTIN_ORDER = ("full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv", "dynts")
+
+
 def all_method_names() -> tuple[str, ...]:
-    """Every registered method name, "full" first."""
-    return _method_names()
+    """Every registered method name: the built-ins in their usual order, then the others."""
+    from thinfer.compression.method import METHODS
+
+    method_class("full")  # registers the built-ins
+    return BUILTIN_ORDER + tuple(name for name in METHODS if name not in BUILTIN_ORDER)

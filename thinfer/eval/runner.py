@@ -143,7 +143,10 @@ def render_prompts(problems: list[Problem], tokenizer: Tokenizer, chat: bool) ->
 
 def _warn_dynts_budget(args: argparse.Namespace, prompt_lens: list[int]) -> None:
     """DynTS never evicts prompt tokens: with budget <= prompt + window nothing can go."""
-    window = args.window if args.window is not None else args.budget // 4
+    config = CompressionConfig(
+        "dynts", budget=args.budget, window=args.window, predictor=args.predictor or "-"
+    )
+    window = config.recent_window
     short = sum(1 for n in prompt_lens if args.budget <= n + window)
     if short:
         print(
