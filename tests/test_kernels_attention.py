@@ -21,7 +21,7 @@ from thinfer.attention import torch_paged, triton_paged
 from thinfer.attention.backend import TORCH_BACKEND, select_backend
 from thinfer.attention.capture import AttentionCapture
 from thinfer.attention.metadata import AttentionMetadata, plan_decode_groups
-from thinfer.cli import add_model_args, llm_kwargs
+from thinfer.cli_args import add_model_args, llm_kwargs
 from thinfer.config import EngineConfig
 from thinfer.kernels.decode_attention import (
     DECODE_SPLIT_TOKENS,
