@@ -78,7 +78,6 @@ def prefill_meta(num_tokens: int, cache: KVCache) -> AttentionMetadata:
         query_starts_list=[0],
         num_decodes=0,
         block_size=cache.block_size,
-        decode_groups=[],
     )
 
 
