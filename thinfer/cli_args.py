@@ -10,6 +10,9 @@ import argparse
 
 from thinfer.config import ATTENTION_BACKENDS
 
+# --fused-ops value -> LLM(fused_ops=...)
+FUSED_OPS_FLAG: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False}
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose and size the model and engine."""
@@ -38,6 +41,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="replay decode steps from CUDA graphs (triton backend on CUDA only; default on)",
     )
+    parser.add_argument(
+        "--fused-ops",
+        default="auto",
+        choices=list(FUSED_OPS_FLAG),
+        help="fused Triton kernels for add+RMSNorm, RoPE, SiLU-mul; auto = with triton attention",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -54,4 +63,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         seed=args.seed,
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
+        fused_ops=FUSED_OPS_FLAG[args.fused_ops],
     )
