@@ -70,6 +70,8 @@ class LLM:
         )
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, dev)
+        backend = select_backend(config.attention_backend, dev)  # before loading: fail fast
+        layer_ops = select_layer_ops(config.fused_ops, backend, dev)
         checkpoint = load_checkpoint(model, load_format)
         model_cfg = checkpoint.config
         context = model_cfg.max_position_embeddings
@@ -82,9 +84,8 @@ class LLM:
         else:
             net.load_weights(checkpoint.tensors())
         net.eval()
-        backend = select_backend(config.attention_backend, dev)
         net.set_attention_backend(backend)
-        net.set_layer_ops(select_layer_ops(config.fused_ops, backend, dev))
+        net.set_layer_ops(layer_ops)
         pack_linears(net)
         num_blocks = num_kv_blocks or auto_num_blocks(
             model_cfg, config, self.max_model_len, torch_dtype, dev
