@@ -90,7 +90,7 @@ class DecodeGraphs:
         if not model.attention_backend.supports_cuda_graphs:
             raise ValueError(
                 "static decode steps need an attention backend that supports CUDA graphs, "
-                f"such as the triton attention backend (the model runs "
+                "such as the triton attention backend (the model runs "
                 f"{model.attention_backend.name!r})"
             )
         if use_cuda_graphs and device.type != "cuda":
