@@ -16,7 +16,7 @@ from conftest import with_engine
 from test_fused_model import HALF_LOGITS_REL, assert_rows_close, record_logits
 
 from thinfer import LLM, SamplingParams
-from thinfer.cli import add_model_args, llm_kwargs
+from thinfer.cli_args import add_model_args, llm_kwargs
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig
 from thinfer.engine.decode_graphs import DecodeGraphs, cuda_graphs_apply, decode_buckets

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from conftest import with_engine
 
 from thinfer import LLM, SamplingParams
+from thinfer.attention.backend import TORCH_BACKEND
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.engine.kv_cache import KVCache
-from thinfer.models.fused import TORCH_OPS, TritonLayerOps, layer_ops_for
+from thinfer.models.fused import TORCH_OPS, TritonLayerOps, select_layer_ops
 from thinfer.models.rope import apply_rope
 
 HAS_CUDA = torch.cuda.is_available()
@@ -78,7 +79,6 @@ def prefill_meta(num_tokens: int, cache: KVCache) -> AttentionMetadata:
         query_starts_list=[0],
         num_decodes=0,
         block_size=cache.block_size,
-        decode_groups=[],
     )
 
 
@@ -101,7 +101,7 @@ def unfused_forward(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache) -
 
 
 def test_layer_ops_follow_the_attention_backend(llm, triton_llm):
-    assert layer_ops_for("torch") is TORCH_OPS
+    assert select_layer_ops("auto", TORCH_BACKEND, DEVICE) is TORCH_OPS
     assert llm.engine.model.ops is TORCH_OPS
     fused = triton_llm.engine.model
     assert isinstance(fused.ops, TritonLayerOps)

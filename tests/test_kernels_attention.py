@@ -20,8 +20,8 @@ import thinfer.attention
 from thinfer.attention import torch_paged, triton_paged
 from thinfer.attention.backend import TORCH_BACKEND, select_backend
 from thinfer.attention.capture import AttentionCapture
-from thinfer.attention.metadata import AttentionMetadata, plan_decode_groups
-from thinfer.cli import add_model_args, llm_kwargs
+from thinfer.attention.metadata import AttentionMetadata
+from thinfer.cli_args import add_model_args, llm_kwargs
 from thinfer.config import EngineConfig
 from thinfer.kernels.decode_attention import (
     DECODE_SPLIT_TOKENS,
@@ -263,7 +263,6 @@ def mixed_step(block_size: int = 16) -> tuple[AttentionMetadata, torch.Tensor, t
         query_starts_list=starts,
         num_decodes=2,
         block_size=block_size,
-        decode_groups=plan_decode_groups(context_lens[:2]),
     )
     gen = torch.Generator().manual_seed(8)
     k = torch.randn(len(slots), 3, HEAD_DIM, generator=gen).to(DEVICE)

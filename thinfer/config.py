@@ -154,7 +154,9 @@ class EngineConfig:
     triton imports, else the torch backend). `cuda_graphs` lets steps of single-token decodes
     replay CUDA graphs captured per batch-size bucket; it takes effect only where graphs apply
     (the triton backend on a CUDA device, see `thinfer.engine.decode_graphs`), and False
-    turns them off.
+    turns them off. `fused_ops` runs the decoder's small ops (residual add + RMSNorm, RoPE,
+    SiLU-multiply) through fused Triton kernels: "auto" exactly when the attention backend is
+    triton, True always (where the kernels can run), False never (see `thinfer.models.fused`).
     """
 
     max_num_seqs: int = 64
@@ -166,6 +168,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     cuda_graphs: bool = True
+    fused_ops: str | bool = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -191,3 +194,5 @@ class EngineConfig:
             )
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if not (isinstance(self.fused_ops, bool) or self.fused_ops == "auto"):
+            raise ValueError(f"fused_ops must be 'auto', True or False, got {self.fused_ops!r}")

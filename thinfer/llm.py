@@ -15,6 +15,7 @@ from thinfer.engine.kv_cache import KVCache, auto_num_blocks
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.loading import load_checkpoint
 from thinfer.models import build_model
+from thinfer.models.fused import select_layer_ops
 from thinfer.models.linear import pack_linears
 from thinfer.outputs import RequestOutput
 from thinfer.sampling_params import SamplingParams
@@ -32,7 +33,9 @@ class LLM:
     `kv_compression` is the default KV-cache compression of requests that set none.
     `attention_backend` is "auto" (Triton kernels on CUDA, else torch), "torch" or "triton".
     `cuda_graphs` (on by default) replays decode steps from CUDA graphs where they apply: the
-    triton backend on a CUDA device (see `thinfer.engine.decode_graphs`).
+    triton backend on a CUDA device (see `thinfer.engine.decode_graphs`). `fused_ops` runs
+    the decoder's small ops through fused Triton kernels: "auto" (default) exactly with the
+    triton attention backend, True or False to force them on or off.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class LLM:
         kv_compression: CompressionConfig | dict[str, object] | None = None,
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
+        fused_ops: str | bool = "auto",
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -62,9 +66,12 @@ class LLM:
             seed=seed,
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,
+            fused_ops=fused_ops,
         )
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, dev)
+        backend = select_backend(config.attention_backend, dev)  # before loading: fail fast
+        layer_ops = select_layer_ops(config.fused_ops, backend, dev)
         checkpoint = load_checkpoint(model, load_format)
         model_cfg = checkpoint.config
         context = model_cfg.max_position_embeddings
@@ -77,7 +84,8 @@ class LLM:
         else:
             net.load_weights(checkpoint.tensors())
         net.eval()
-        net.set_attention_backend(select_backend(config.attention_backend, dev))
+        net.set_attention_backend(backend)
+        net.set_layer_ops(layer_ops)
         pack_linears(net)
         num_blocks = num_kv_blocks or auto_num_blocks(
             model_cfg, config, self.max_model_len, torch_dtype, dev

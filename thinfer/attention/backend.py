@@ -27,11 +27,18 @@ PagedAttention = Callable[
 @dataclass(frozen=True)
 class AttentionBackend:
     """`store_kv(k, v, k_cache, v_cache, slot_mapping)` and
-    `paged_attention(q, k_cache, v_cache, meta, scale) -> out`, as in `torch_paged`."""
+    `paged_attention(q, k_cache, v_cache, meta, scale) -> out`, as in `torch_paged`.
+
+    `supports_cuda_graphs`: a step of single-token decodes without capture reads only the
+    metadata's tensors (never its host-side lists or a per-step plan) and launches work whose
+    shapes depend only on theirs, so it can be captured in a CUDA graph and replayed on
+    refilled buffers (`thinfer.engine.decode_graphs`).
+    """
 
     name: str
     store_kv: StoreKV
     paged_attention: PagedAttention
+    supports_cuda_graphs: bool = False
 
 
 TORCH_BACKEND = AttentionBackend("torch", torch_paged.store_kv, torch_paged.paged_attention)
@@ -49,7 +56,9 @@ def _triton_backend(device: torch.device) -> AttentionBackend:
             f"attention backend 'triton' needs a CUDA device, got {device.type!r} (on CPU the "
             "kernels run only through Triton's interpreter: TRITON_INTERPRET=1)"
         )
-    return AttentionBackend("triton", triton_paged.store_kv, triton_paged.paged_attention)
+    return AttentionBackend(
+        "triton", triton_paged.store_kv, triton_paged.paged_attention, supports_cuda_graphs=True
+    )
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -5,15 +5,23 @@ one token come first (`num_decodes` of them, one query row each); sequences that
 chunk follow. Sequence i writes its new keys and values into KV slots `slot_mapping` and then
 attends to the first `context_lens[i]` slots of its block table (its whole cache, new tokens
 included), causally for its own new tokens.
+
+The metadata holds only what every backend needs. A backend that derives something per step
+from it (the torch backend's decode length groups, the triton backend's device-side prefill
+layout) builds it through `plan`, once per step, on the first layer's call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import torch
 
 from thinfer.attention.capture import AttentionCapture
+
+Plan = TypeVar("Plan")
 
 
 @dataclass
@@ -28,44 +36,23 @@ class AttentionMetadata:
     query_starts_list: list[int]
     num_decodes: int
     block_size: int
-    decode_groups: list[tuple[int, int]]  # [start, end) slices of the decodes, see below
     capture: AttentionCapture | None = None  # signals for compression policies, if any
-    # Device-side prefill layout (starts, lengths, longest), built once per step by the
-    # triton backend's first layer and reused by the others.
-    prefill_layout: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    _plans: dict[Callable[..., object], object] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def num_seqs(self) -> int:
         """Sequences in the batch."""
         return len(self.query_lens_list)
 
-
-# Cost of one more attention call per layer, in padded (sequence x slot) units: measured on
-# the dev CPU, a call costs about as much as gathering and attending ~256 extra slots.
-GROUP_OVERHEAD_SLOTS = 256
-MAX_DECODE_GROUPS = 4
-
-
-def plan_decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:
-    """Split decodes sorted by ascending context length into contiguous groups.
-
-    Each group is padded to its longest member; a split is made where it saves more padded
-    slots than `GROUP_OVERHEAD_SLOTS` (greedy, at most `MAX_DECODE_GROUPS` groups).
-    """
-    if not context_lens:
-        return []
-    groups = [(0, len(context_lens))]
-    while len(groups) < MAX_DECODE_GROUPS:
-        best_saving, best = GROUP_OVERHEAD_SLOTS, None
-        for index, (start, end) in enumerate(groups):
-            longest = context_lens[end - 1]
-            for split in range(start + 1, end):
-                saving = (split - start) * (longest - context_lens[split - 1])
-                if saving > best_saving:
-                    best_saving, best = saving, (index, split)
-        if best is None:
-            break
-        index, split = best
-        start, end = groups[index]
-        groups[index : index + 1] = [(start, split), (split, end)]
-    return groups
+    def plan(self, build: Callable[[AttentionMetadata], Plan]) -> Plan:
+        """`build(self)`, computed on the first call of the step and cached for every later
+        layer. The cache is keyed by `build` itself, so a backend's plan is private to the
+        module that defines its builder. A plan may read anything in the metadata, so metadata
+        that is refilled in place and reused across steps (`thinfer.engine.decode_graphs`)
+        must only reach code paths that build no plan.
+        """
+        if build not in self._plans:
+            self._plans[build] = build(self)
+        return cast(Plan, self._plans[build])

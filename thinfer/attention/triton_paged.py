@@ -3,8 +3,8 @@
 Same contract as `thinfer.attention.torch_paged`: `store_kv` writes a step's keys and values
 into their slots, `paged_attention` attends the flat batch (decodes first, one row each, then
 prefill chunks). All decodes go through one split-KV decode kernel and all prefill chunks
-through one paged prefill kernel, whatever their lengths; the torch backend's decode groups
-are a CPU padding optimisation and are ignored here.
+through one paged prefill kernel, whatever their lengths (the torch backend's decode groups are
+a CPU padding optimisation of that backend's own).
 
 Sequences whose attention column sums a compression policy asked for (`meta.capture`, rare)
 are computed by the torch backend's functions instead, so their signals are recorded exactly
@@ -66,7 +66,7 @@ def paged_attention(
         )
     if num_decodes < meta.num_seqs:
         first_row = meta.query_starts_list[num_decodes]
-        starts, lens, max_len = _prefill_layout(meta, captured, q.device)
+        starts, lens, max_len = meta.plan(prefill_layout)
         if max_len:
             out[first_row:] = paged_prefill_attention(
                 q[first_row:],
@@ -100,26 +100,24 @@ def decode_attention(
     return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
 
 
-def _prefill_layout(
-    meta: AttentionMetadata, captured: set[int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def prefill_layout(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Query starts (relative to the first prefill row) and lengths [num_prefills] on the
-    device, with length 0 for captured sequences, and the largest length."""
-    layout = meta.prefill_layout
-    if layout is None:
-        first = meta.num_decodes
-        base = meta.query_starts_list[first]
-        starts = [meta.query_starts_list[i] - base for i in range(first, meta.num_seqs)]
-        lens = [
-            0 if i in captured else meta.query_lens_list[i] for i in range(first, meta.num_seqs)
-        ]
-        layout = (
-            torch.tensor(starts, dtype=torch.int64, device=device),
-            torch.tensor(lens, dtype=torch.int64, device=device),
-            max(lens),
-        )
-        meta.prefill_layout = layout
-    return layout
+    device, with length 0 for sequences whose column sums are captured (the torch functions
+    compute those), and the largest length: this backend's per-step plan, built by the first
+    layer through `AttentionMetadata.plan` and reused by the others."""
+    first, capture = meta.num_decodes, meta.capture
+    base = meta.query_starts_list[first]
+    starts = [meta.query_starts_list[i] - base for i in range(first, meta.num_seqs)]
+    lens = [
+        0 if capture and capture.wants_column_sums(i) else meta.query_lens_list[i]
+        for i in range(first, meta.num_seqs)
+    ]
+    device = meta.block_tables.device
+    return (
+        torch.tensor(starts, dtype=torch.int64, device=device),
+        torch.tensor(lens, dtype=torch.int64, device=device),
+        max(lens),
+    )
 
 
 def _attend_with_column_sums(

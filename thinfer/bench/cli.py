@@ -10,7 +10,7 @@ from thinfer.bench.report import DEFAULT_OUTPUT_DIR
 
 
 def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
-    from thinfer.cli import add_model_args
+    from thinfer.cli_args import add_model_args
 
     add_model_args(parser)
     if peer:

@@ -227,7 +227,7 @@ def _summary(runs: dict[str, dict[str, Any]], raw: dict[str, list[StepStats]]) -
 def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
     """Run the decode-curve benchmark, print a summary, write JSON + PNG; return the data."""
     from thinfer.bench.decode_curve_plot import plot_decode_curve, print_summary
-    from thinfer.cli import llm_kwargs
+    from thinfer.cli_args import llm_kwargs
     from thinfer.compression.predictor import ImportancePredictor, save_predictor
     from thinfer.llm import LLM
     from thinfer.loading import load_checkpoint

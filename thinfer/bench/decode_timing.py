@@ -135,7 +135,7 @@ def build_bench_llm(args: argparse.Namespace, tokens_per_seq: int) -> tuple[LLM,
 
     Only dummy weights may be extended; `llm.source` keeps naming the original model.
     """
-    from thinfer.cli import llm_kwargs
+    from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
     from thinfer.loading import load_checkpoint
 

@@ -89,7 +89,7 @@ def _ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> float | No
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     """Run the latency benchmark, print a summary, write JSON + PNG; return the results."""
-    from thinfer.cli import llm_kwargs
+    from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
 
     if args.num_prompts < 1 or args.max_tokens < 1:

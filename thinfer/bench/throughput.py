@@ -65,7 +65,7 @@ def _entry(tokens: int, seconds: float) -> dict[str, float]:
 
 def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     """Run the throughput benchmark, print a table, write JSON + PNG; return the results."""
-    from thinfer.cli import llm_kwargs
+    from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
 
     sizes = parse_batch_sizes(args.batch_sizes)

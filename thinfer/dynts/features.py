@@ -85,7 +85,6 @@ def trace_features(
             query_starts_list=[0],
             num_decodes=0,
             block_size=BLOCK_SIZE,
-            decode_groups=[],
             capture=capture,
         )
         hidden = model(ids[start:end], slots, layer_caches, meta)

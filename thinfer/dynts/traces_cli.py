@@ -10,7 +10,7 @@ from thinfer.dynts.traces import DEFAULT_THINK_END
 
 
 def _traces(args: argparse.Namespace) -> int:
-    from thinfer.cli import llm_kwargs
+    from thinfer.cli_args import llm_kwargs
     from thinfer.dynts.trace_gen import generate_traces
     from thinfer.dynts.traces import write_traces
     from thinfer.eval.dataset import load_problems
@@ -37,7 +37,7 @@ def _traces(args: argparse.Namespace) -> int:
 
 def add_traces_command(commands: Any) -> None:
     """`thinfer dynts traces`: training traces from a problem set (JSONL)."""
-    from thinfer.cli import add_model_args
+    from thinfer.cli_args import add_model_args
     from thinfer.eval.cli import add_sampling_args
 
     p = commands.add_parser(

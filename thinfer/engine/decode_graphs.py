@@ -18,10 +18,12 @@ graphs together hold about one forward pass of the largest bucket used plus each
 output [bucket, hidden]: for a Llama-2-7B shape at bucket 64 an estimated 15 MB (not yet
 measured), dominated by the decode partials [64, 32 heads, 8 chunks, 128] in fp32.
 
-Only the triton attention backend runs here: its decode path (`triton_paged.decode_attention`)
-reads the metadata's tensors only, and its grid depends only on their shapes (a fixed split
-size), so nothing syncs with the host. The metadata's host-side context lengths are left empty
-(their values change every step), so anything that read them would fail loudly.
+Only an attention backend that says it `supports_cuda_graphs` runs here (today the triton
+backend): its decode path (`triton_paged.decode_attention`) reads the metadata's tensors only,
+and its grid depends only on their shapes (a fixed split size), so nothing syncs with the host.
+The metadata's host-side context lengths are left empty (their values change every step), so
+anything that read them would fail loudly; each bucket's metadata is reused across steps, so
+the path builds no per-step plan (`AttentionMetadata.plan`).
 
 Padded rows are harmless: token 0 at position 0 writes its keys and values into slot 0 of a
 scratch block reserved for the engine's lifetime (`KVCache.reserve_block`: never given to a
@@ -59,9 +61,13 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 
 def cuda_graphs_apply(config: EngineConfig, model: LlamaForCausalLM, device: torch.device) -> bool:
-    """True when decode steps replay CUDA graphs: `config.cuda_graphs` is on, the model runs
-    the triton attention backend, and the device is CUDA."""
-    return config.cuda_graphs and device.type == "cuda" and model.attention_backend.name == "triton"
+    """True when decode steps replay CUDA graphs: `config.cuda_graphs` is on, the model's
+    attention backend supports CUDA graphs (the triton backend), and the device is CUDA."""
+    return (
+        config.cuda_graphs
+        and device.type == "cuda"
+        and model.attention_backend.supports_cuda_graphs
+    )
 
 
 class DecodeGraphs:
@@ -81,10 +87,11 @@ class DecodeGraphs:
         use_cuda_graphs: bool,
     ) -> None:
         device = kv_cache.storage.device
-        if model.attention_backend.name != "triton":
+        if not model.attention_backend.supports_cuda_graphs:
             raise ValueError(
-                "static decode steps need the triton attention backend "
-                f"(the model runs {model.attention_backend.name!r})"
+                "static decode steps need an attention backend that supports CUDA graphs, "
+                "such as the triton attention backend (the model runs "
+                f"{model.attention_backend.name!r})"
             )
         if use_cuda_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the KV cache is on {device.type!r}")
@@ -185,7 +192,6 @@ class DecodeGraphs:
                 query_starts_list=list(range(bucket)),
                 num_decodes=bucket,
                 block_size=self.kv_cache.block_size,
-                decode_groups=[],
                 capture=None,
             )
             self._metas[bucket] = meta

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from thinfer.attention.capture import AttentionCapture
-from thinfer.attention.metadata import AttentionMetadata, plan_decode_groups
+from thinfer.attention.metadata import AttentionMetadata
 from thinfer.engine.decode_graphs import DecodeGraphs
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
@@ -112,7 +112,6 @@ class ModelRunner:
             query_starts_list=query_starts,
             num_decodes=num_decodes,
             block_size=self.kv_cache.block_size,
-            decode_groups=plan_decode_groups(context_lens[:num_decodes]),
             capture=self.plan_capture(batch, query_starts),
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)

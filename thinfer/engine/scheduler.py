@@ -88,7 +88,8 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
         # Decodes first, shortest cache first: attention pads a group of decodes to its
-        # longest member, so neighbours of similar length waste less (see decode_groups).
+        # longest member, so neighbours of similar length waste less (see
+        # torch_paged.plan_decode_groups).
         scheduled.sort(key=lambda s: (s.num_tokens != 1 or not s.samples, s.seq.kv_len))
         return scheduled
 

@@ -19,7 +19,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: Any) -> None:
     """Add `eval` to the `thinfer` sub-commands."""
-    from thinfer.cli import add_model_args
+    from thinfer.cli_args import add_model_args
     from thinfer.compression.config import TRIGGERS
 
     ev = subparsers.add_parser(

@@ -180,7 +180,7 @@ def run_eval(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, Any]
     methods = validate_args(args)
     problems = load_problems(args.dataset, args.limit)
     if llm is None:
-        from thinfer.cli import llm_kwargs
+        from thinfer.cli_args import llm_kwargs
         from thinfer.llm import LLM
 
         llm = LLM(**llm_kwargs(args))  # type: ignore[arg-type]

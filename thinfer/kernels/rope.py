@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from thinfer.models.rope import rotate
-
 
 def apply_rope_reference(
     q: torch.Tensor,
@@ -29,9 +27,18 @@ def apply_rope_reference(
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: the model's `rotate` with the angles gathered at `positions`."""
-    angles = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
-    return rotate(q, angles), rotate(k, angles)
+    """Torch reference: rotate-half RoPE with the angles gathered at `positions`.
+
+    The same arithmetic as `thinfer.models.rope.rotate` (tests hold them bitwise equal); kernels
+    sit below models in the layers, so the reference carries its own copy.
+    """
+    cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 @triton.jit

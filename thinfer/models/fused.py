@@ -3,8 +3,9 @@
 Two interchangeable implementations. `LayerOps` is the plain torch math the model has always
 computed (the CPU path and the ground truth); `TritonLayerOps` runs the fused kernels of
 `thinfer.kernels` (one pass for add + norm, q and k rotated in place, silu(gate) * up in one
-pass). The model uses the Triton ops exactly when its attention backend is "triton" (see
-`LlamaForCausalLM.set_attention_backend`), so a CPU model computes bitwise what it did before.
+pass). `select_layer_ops` picks one from the engine's `fused_ops` switch: "auto" uses the
+Triton ops exactly when the attention backend is "triton" (so a CPU model computes bitwise what
+it always did), True and False force them on or off.
 
 Residual flow (as in vLLM): a decoder block returns (output, residual) without adding them;
 the next norm adds and normalizes in one step and hands on the new residual stream. The torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from thinfer.models.rope import RotaryEmbedding, apply_rope
 
 if TYPE_CHECKING:
+    from thinfer.attention.backend import AttentionBackend
     from thinfer.models.llama import RMSNorm
 
 # rotate(q [T, Hq, D], k [T, Hk, D]) -> rotated (q, k), for one step's positions.
@@ -109,6 +111,38 @@ class TritonLayerOps(LayerOps):
 TORCH_OPS = LayerOps()
 
 
-def layer_ops_for(backend_name: str) -> LayerOps:
-    """The layer ops that go with an attention backend: fused kernels with "triton"."""
-    return TritonLayerOps() if backend_name == "triton" else TORCH_OPS
+def select_layer_ops(
+    fused_ops: str | bool, backend: AttentionBackend, device: torch.device
+) -> LayerOps:
+    """The layer ops for a model on `device` whose attention runs through `backend`.
+
+    `fused_ops` "auto": the fused kernels exactly when the backend is "triton"; True: the
+    fused kernels; False: plain torch. Raises ValueError for another value, and for fused
+    kernels that cannot run here: triton does not import, or the device is not CUDA and the
+    kernels are not interpreted (TRITON_INTERPRET=1, as CPU tests set).
+    """
+    if not (isinstance(fused_ops, bool) or fused_ops == "auto"):
+        raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
+    if not (backend.name == "triton" if fused_ops == "auto" else fused_ops):
+        return TORCH_OPS
+    try:
+        ops = TritonLayerOps()
+    except ImportError as e:
+        raise ValueError(f"fused ops need triton, which cannot be imported: {e}") from e
+    if device.type != "cuda" and not fused_kernels_interpreted():
+        raise ValueError(
+            f"fused ops need a CUDA device, got {device.type!r} (on CPU the kernels run only "
+            "through Triton's interpreter: TRITON_INTERPRET=1); use fused_ops=False"
+        )
+    return ops
+
+
+def fused_kernels_interpreted() -> bool:
+    """True when Triton interprets the fused kernels (TRITON_INTERPRET=1 was set before they
+    were imported): they then run on CPU tensors too, slowly; otherwise they need CUDA."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from thinfer.kernels import rmsnorm, rope, silu_mul
+
+    kernels = (rmsnorm._fused_add_rms_norm_kernel, rope._rope_kernel, silu_mul._silu_and_mul_kernel)
+    return all(isinstance(kernel, InterpretedFunction) for kernel in kernels)

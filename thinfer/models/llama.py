@@ -3,7 +3,7 @@
 Projections are fused (q/k/v into one matrix, gate/up into another) so each layer runs three
 large matmuls; `load_weights` maps HF tensor names onto the fused parameters. The small ops
 between them (residual add + norm, RoPE, SiLU-multiply) come from `thinfer.models.fused`:
-plain torch, or fused Triton kernels with the "triton" attention backend.
+plain torch, or fused Triton kernels (`set_layer_ops`; the engine's `fused_ops` switch).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from thinfer.attention.backend import TORCH_BACKEND, AttentionBackend
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.config import ModelConfig
-from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate, layer_ops_for
+from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate
 from thinfer.models.linear import Linear, unpack_linears
 from thinfer.models.rope import RotaryEmbedding
 
@@ -164,13 +164,17 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.norm)[0]
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
-        """Make every layer write and read its KV cache through `backend`, and run the small
-        ops through the fused Triton kernels exactly when the backend is "triton"."""
+        """Make every layer write and read its KV cache through `backend`."""
         self.attention_backend = backend
-        self.ops = layer_ops_for(backend.name)
         for layer in self.layers:
             layer.self_attn.backend = backend
-            layer.ops = layer.mlp.ops = self.ops
+
+    def set_layer_ops(self, ops: LayerOps) -> None:
+        """Run every layer's small ops (add + norm, RoPE, SiLU-multiply) through `ops`: plain
+        torch or the fused kernels (`thinfer.models.fused.select_layer_ops`)."""
+        self.ops = ops
+        for layer in self.layers:
+            layer.ops = layer.mlp.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> logits [N, vocab]."""

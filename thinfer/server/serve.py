@@ -27,7 +27,7 @@ logger = logging.getLogger("thinfer.server")
 
 def add_serve_parser(sub: Any) -> None:
     """Register `thinfer serve` on the CLI's sub-parsers."""
-    from thinfer.cli import add_model_args
+    from thinfer.cli_args import add_model_args
 
     parser = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see docs/serving.md)")
     add_model_args(parser)
@@ -97,7 +97,7 @@ def _kv_compression(text: str | None) -> dict[str, Any] | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM / SIGINT; returns the exit status."""
-    from thinfer.cli import llm_kwargs
+    from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
     from thinfer.server.app import create_app
 

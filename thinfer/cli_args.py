@@ -1,0 +1,67 @@
+"""Model and engine options shared by every `thinfer` subcommand.
+
+A low-level module: `thinfer.cli` and the subcommand modules (bench, eval, serve, dynts) import
+it, and it imports none of them, so the command tree has no import cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from thinfer.config import ATTENTION_BACKENDS
+
+# --fused-ops value -> LLM(fused_ops=...)
+FUSED_OPS_FLAG: dict[str, str | bool] = {"auto": "auto", "on": True, "off": False}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options that choose and size the model and engine."""
+    parser.add_argument(
+        "--model", default=None, help="HF dir, GGUF file or preset (default: SmolLM2)"
+    )
+    parser.add_argument(
+        "--load-format", default="auto", choices=["auto", "gguf", "safetensors", "dummy"]
+    )
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="paged attention: triton kernels (CUDA) or torch; auto = triton on CUDA",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps from CUDA graphs (triton backend on CUDA only; default on)",
+    )
+    parser.add_argument(
+        "--fused-ops",
+        default="auto",
+        choices=list(FUSED_OPS_FLAG),
+        help="fused Triton kernels for add+RMSNorm, RoPE, SiLU-mul; auto = with triton attention",
+    )
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """LLM(...) keyword arguments from parsed model options."""
+    return dict(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+        seed=args.seed,
+        attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
+        fused_ops=FUSED_OPS_FLAG[args.fused_ops],
+    )
