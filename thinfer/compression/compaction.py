@@ -43,20 +43,32 @@ class CompactionPlan:
 
 
 def plan_compaction(keep: torch.Tensor, new_len: int) -> CompactionPlan:
-    """The hole-filling plan for a keep mask [..., n] with `new_len` True in every row."""
+    """The hole-filling plan for a keep mask [..., n] with `new_len` True in every row.
+
+    O(n) and no host sync: the j-th hole below `new_len` receives the j-th kept slot at or
+    beyond it (both in slot order); rows with fewer holes than the widest pad with moves of
+    their first kept slot onto itself.
+    """
     n = keep.shape[-1]
     moves = min(n - new_len, new_len)
     if moves == 0:
         empty = torch.empty(*keep.shape[:-1], 0, dtype=torch.long, device=keep.device)
         return CompactionPlan(new_len, empty, empty)
     front, tail = keep[..., :new_len], keep[..., new_len:]
-    # holes first in the front, kept slots first in the tail (stable: in slot order)
-    holes = torch.sort(front.to(torch.int8), dim=-1, stable=True).indices[..., :moves]
-    movers = torch.sort((~tail).to(torch.int8), dim=-1, stable=True).indices[..., :moves]
-    num_holes = (~front).sum(dim=-1, keepdim=True)
-    valid = torch.arange(moves, device=keep.device) < num_holes
-    src = torch.where(valid, movers + new_len, holes)
-    return CompactionPlan(new_len, holes, src)
+    first_kept = front.to(torch.int8).argmax(dim=-1, keepdim=True)  # a row with holes < moves
+    dst = _ranked(~front, moves, first_kept)
+    valid = torch.arange(moves, device=keep.device) < (~front).sum(dim=-1, keepdim=True)
+    src = torch.where(valid, _ranked(tail, moves, first_kept) + new_len, dst)
+    return CompactionPlan(new_len, dst, src)
+
+
+def _ranked(mask: torch.Tensor, width: int, fill: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of each row, in order, in a [..., width] tensor padded
+    with `fill` (rows have at most `width` True entries)."""
+    rank = torch.where(mask, mask.long().cumsum(dim=-1) - 1, width)  # width: a dump column
+    out = fill.expand(*mask.shape[:-1], width + 1).clone()
+    index = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return out.scatter_(-1, rank, index)[..., :width]
 
 
 def keep_indices(scores: torch.Tensor, count: int, kv_len: int) -> torch.Tensor:

@@ -79,6 +79,9 @@ class Method:
     per_head: ClassVar[bool] = False  # its scores differ per layer and KV head
     slot_values: ClassVar[tuple[str, ...]] = ()  # per-slot float state the stage keeps
     protects_prompt: ClassVar[bool] = False  # prompt slots are never evicted
+    # Scores depend only on each slot's own data (no neighbours, no order): the stage then
+    # scores every slot where it lies (num_recent 0, slot order), with no reordering.
+    pointwise: ClassVar[bool] = False
 
     def signals(self) -> Signals:
         """The signals the method needs (none by default)."""

@@ -49,33 +49,91 @@ def select_slots(
     if rule is None:
         return None
     num_recent, count = rule
+
+    def context(positions: torch.Tensor, values: dict[str, torch.Tensor], recent: int) -> Any:
+        return ScoreContext(
+            kv_len=view.kv_len,
+            num_recent=recent,
+            num_generated=view.num_generated,
+            prompt_len=view.prompt_len,
+            positions=positions,
+            values=values,
+            token_ids=lambda at: torch.tensor(view.all_token_ids(), device=at.device)[at],
+            keys=_ordered_keys(layer_keys, order) if layer_keys is not None else None,
+            queries=queries,
+            num_layers=num_layers,
+            resources=resources,
+            uniform=config.trigger == "uniform",
+        )
+
+    order = state.positions  # placeholder for pointwise methods (keys are not read there)
+    if config.params.pointwise:  # score every slot where it is: no reordering
+        values = {name: state.value(name) for name in state.value_names}
+        scores = _shared(config, config.params.score(context(state.positions, values, 0)))
+        keep = keep_mask(scores, state.positions, state.protected, num_recent, count)
+        return keep, view.kv_len - _num_evicted(keep)
     order = torch.sort(state.positions, dim=-1, stable=True).indices
-    context = ScoreContext(
-        kv_len=view.kv_len,
-        num_recent=num_recent,
-        num_generated=view.num_generated,
-        prompt_len=view.prompt_len,
-        positions=state.positions.gather(-1, order),
-        values={name: state.value(name).gather(-1, order) for name in state.value_names},
-        token_ids=lambda positions: torch.tensor(view.all_token_ids(), device=positions.device)[
-            positions
-        ],
-        keys=_ordered_keys(layer_keys, order) if layer_keys is not None else None,
-        queries=queries,
-        num_layers=num_layers,
-        resources=resources,
-        uniform=config.trigger == "uniform",
-    )
-    scores = config.params.score(context) if context.num_old else order.new_zeros(0).float()
-    if scores.dim() == 3 and not config.per_head:
-        scores = scores.mean(dim=(0, 1))  # shared scoring: one score per token
+    values = {name: state.value(name).gather(-1, order) for name in state.value_names}
+    ctx = context(state.positions.gather(-1, order), values, num_recent)
+    if ctx.num_old:
+        scores = _shared(config, config.params.score(ctx))
+    else:
+        scores = order.new_zeros(0).float()
     if scores.dim() < order.dim():
         scores = scores.expand(*order.shape[:-1], -1)
-    protected = state.protected.gather(-1, order)[..., : context.num_old]
+    protected = state.protected.gather(-1, order)[..., : ctx.num_old]
     scores = scores.masked_fill(protected, float("inf"))
     kept = order.gather(-1, keep_indices(scores, count, view.kv_len))
     keep = torch.zeros_like(state.protected).scatter_(-1, kept, True)
     return keep, kept.shape[-1]
+
+
+def _shared(config: CompressionConfig, scores: torch.Tensor) -> torch.Tensor:
+    """Per-head scores under shared scoring: one score per token, the mean over layers and
+    heads."""
+    if scores.dim() == 3 and not config.per_head:
+        return scores.mean(dim=(0, 1))
+    return scores
+
+
+def _num_evicted(keep: torch.Tensor) -> int:
+    return int((~keep[(0,) * (keep.dim() - 1)]).sum())
+
+
+def keep_mask(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    protected: torch.Tensor,
+    num_recent: int,
+    count: int,
+) -> torch.Tensor:
+    """The keep rule of `keep_indices`, in slot order and O(slots): keep mask [..., n].
+
+    The `num_recent` newest tokens (by position) are kept; of the others, the `count` best
+    by score (at least every +inf one, never a -inf one); ties go to the older token. It
+    evicts the k lowest instead of sorting: the k-th smallest score is a threshold, and among
+    slots scoring exactly that, the newest are evicted first.
+    """
+    newest = positions.amax(dim=-1, keepdim=True)
+    recent = positions > newest - num_recent
+    old = ~recent
+    inf = float("inf")
+    key = scores.masked_fill(protected & old, inf).masked_fill(recent, inf)
+    num_old = int(old[(0,) * (old.dim() - 1)].sum())
+    keepable = int(((key > -inf) & old).sum(dim=-1).min())
+    forced = int((torch.isposinf(key) & old).sum(dim=-1).max())
+    evict = num_old - min(max(min(count, keepable), forced), num_old)
+    if evict <= 0:
+        return torch.ones_like(old)
+    threshold = torch.kthvalue(key.float(), evict, dim=-1, keepdim=True).values
+    below = key < threshold
+    need = evict - below.sum(dim=-1, keepdim=True)  # >= 1: taken from the ties
+    tied = key == threshold
+    most = int(need.max())
+    newest_tied = torch.topk(torch.where(tied, positions, -1), most, dim=-1).indices
+    chosen = torch.arange(most, device=key.device) < need
+    picked = torch.zeros_like(tied).scatter_(-1, newest_tied, chosen)
+    return ~(below | (picked & tied))
 
 
 def _ordered_keys(

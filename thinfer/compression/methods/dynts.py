@@ -38,6 +38,7 @@ class DynTS(Method):
     """Score: the importance head's prediction from each token's final hidden state."""
 
     name = "dynts"
+    pointwise = True
     protects_prompt = True
     slot_values = ("predicted",)
     predictor: str | None = None

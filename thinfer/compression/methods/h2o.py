@@ -22,6 +22,7 @@ class H2O(Method):
     """Score: accumulated attention received."""
 
     name = "h2o"
+    pointwise = True
     per_head = True
     slot_values = ("attention",)
 

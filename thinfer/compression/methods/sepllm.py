@@ -52,6 +52,7 @@ class SepLLM(Method):
     rest is never kept from the middle."""
 
     name = "sepllm"
+    pointwise = True
     sink_tokens: int = 4
     separators: int | None = None
 

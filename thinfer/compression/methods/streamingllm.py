@@ -35,6 +35,7 @@ class StreamingLLM(Method):
     then recency."""
 
     name = "streamingllm"
+    pointwise = True
     sink_tokens: int = 4
     reassign_positions: bool = False
 

@@ -34,6 +34,7 @@ class Window(Method):
     every step once full. Score (uniform schedule): recency."""
 
     name = "window"
+    pointwise = True
 
     def native_rule(self, config: CompressionConfig, ctx: RuleContext) -> tuple[int, int] | None:
         assert config.budget is not None
