@@ -118,3 +118,40 @@ def test_compaction_rejects_bad_plans():
         kv.compact(seq, CompactionPlan(11, empty, empty))
     with pytest.raises(ValueError, match="per-head plan"):
         kv.compact(seq, CompactionPlan(5, torch.zeros(2, 2, 1, dtype=torch.long), empty))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    per_head=st.booleans(),
+    data=st.data(),
+)
+def test_slot_order_keep_rule_equals_the_position_order_rule(n, per_head, data):
+    """The O(n) keep rule on permuted slots (ties, +inf protection, -inf) keeps exactly what
+    the sorted rule keeps, and the plan built from it holds exactly the kept slots."""
+    from thinfer.compression.compaction import keep_indices
+    from thinfer.compression.selection import keep_mask
+
+    rows = (2, 3) if per_head else ()
+    seed = data.draw(st.integers(0, 2**31))
+    gen = torch.Generator().manual_seed(seed)
+    count = 6 if per_head else 1
+    positions = torch.stack([torch.randperm(n, generator=gen) for _ in range(count)])
+    positions = positions.view(*rows, n)
+    scores = torch.randint(0, 4, (*rows, n), generator=gen).float()
+    if data.draw(st.booleans()):
+        scores[..., data.draw(st.integers(0, n - 1))] = float("-inf")
+    protected = torch.rand(*rows, n, generator=gen) < 0.1
+    num_recent, keep_count = data.draw(st.integers(0, n)), data.draw(st.integers(0, n))
+    order = torch.sort(positions, dim=-1).indices
+    old = n - num_recent
+    ranked = scores.gather(-1, order)[..., :old]
+    ranked = ranked.masked_fill(protected.gather(-1, order)[..., :old], float("inf"))
+    kept = order.gather(-1, keep_indices(ranked, keep_count, n))
+    expected = torch.zeros(*rows, n, dtype=torch.bool).scatter_(-1, kept, True)
+    got = keep_mask(scores, positions, protected, num_recent, keep_count)
+    assert torch.equal(got, expected)
+    plan = plan_compaction(got, kept.shape[-1])
+    held = sources(plan, n).sort(dim=-1).values
+    assert torch.equal(held, kept.sort(dim=-1).values)
+    assert plan.dst.shape[-1] <= n - kept.shape[-1]
