@@ -143,7 +143,7 @@ class ModelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     """What the engine needs to size batches and the KV cache.
 
@@ -154,7 +154,8 @@ class EngineConfig:
     triton imports, else the torch backend). `cuda_graphs` lets steps of single-token decodes
     replay CUDA graphs captured per batch-size bucket; it takes effect only where graphs apply
     (the triton backend on a CUDA device, see `thinfer.engine.decode_graphs`), and False
-    turns them off.
+    turns them off. Frozen: an engine with other settings is a new engine
+    (`thinfer.engine.factory.build_engine`).
     """
 
     max_num_seqs: int = 64
