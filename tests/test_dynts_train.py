@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from conftest import run_cli
 
 from thinfer.cli import main
-from thinfer.dynts.feature_file import FORMAT, VERSION, load_features, save_features
 from thinfer.compression.predictor import load_predictor
+from thinfer.dynts.feature_file import FORMAT, VERSION, load_features, save_features
 from thinfer.dynts.traces import Trace, write_traces
 from thinfer.dynts.train import TrainConfig, make_schedule, train_from_file, train_predictor
 from thinfer.dynts.train_data import split_by_trace, transform_labels

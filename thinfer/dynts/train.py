@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from thinfer.dynts.feature_file import load_features
 from thinfer.compression.predictor import ImportancePredictor, save_predictor
+from thinfer.dynts.feature_file import load_features
 from thinfer.dynts.train_data import (
     LABEL_TRANSFORMS,
     TrainingData,
