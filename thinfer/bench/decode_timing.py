@@ -154,6 +154,7 @@ def build_bench_llm(args: argparse.Namespace, tokens_per_seq: int) -> tuple[LLM,
             json.dump(_hf_config_dict(longer), f)
         llm = LLM(**(kwargs | {"model": tmp}))  # type: ignore[arg-type]
     llm.source = checkpoint.source
+    llm.loaded = dataclasses.replace(llm.loaded, source=checkpoint.source)
     return llm, context
 
 

@@ -231,7 +231,9 @@ class LLMEngine:
                 seq.policy.observe(seq, hidden[row])
             self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
             touched[seq.request_id] = self._requests[seq.request_id]
+        built = time.perf_counter()
         outputs = [self._make_output(request, now) for request in touched.values()]
+        output_seconds = time.perf_counter() - built
         self.num_steps += 1
         self.last_stats = telemetry.collect(
             self.num_steps,
@@ -241,6 +243,7 @@ class LLMEngine:
             len(sampling),
             self.kv_cache,
             self.model_config,
+            output_seconds,
         )
         return outputs
 
