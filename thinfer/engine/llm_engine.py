@@ -164,9 +164,8 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its KV blocks; returns its final output (finish_reason
-        "abort" on the samples still running, full lists as any final output), or None for an
-        unknown or already finished id."""
+        """Stop a request now and free its KV blocks; returns its final output (full lists,
+        finish_reason "abort" on unfinished samples), or None for an unknown or finished id."""
         request = self._requests.get(request_id)
         if request is None:
             return None
