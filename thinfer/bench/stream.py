@@ -172,7 +172,7 @@ def _plot(data: dict[str, Any]) -> Figure:
     for name, run in data["runs"].items():
         binned = run["binned"]
         ax.plot(binned["position"], binned["median_us"], color=COLORS[name], label=name)
-    ax.set_yscale("log")
+    ax.set_ylim(0, None)
     ax.set_xlabel("position in the stream (generated tokens)")
     ax.set_ylabel("output build + delivery per step (us, median per bin)")
     s = data["summary"]
@@ -183,5 +183,5 @@ def _plot(data: dict[str, Any]) -> Figure:
         fontsize=10,
     )
     ax.legend(loc="upper left")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     return fig
