@@ -101,7 +101,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Iterator[RequestOutput]:
-        """Yield increments as they are produced (`outputs[i].delta_text` is what is new).
+        """Yield increments as they are produced: `outputs[i].delta_text`, `delta_token_ids`
+        and `delta_logprobs` are what is new; a request's final output (`finished`) also
+        carries the full text, token ids and logprobs (see `thinfer.outputs`).
 
         Closing the iterator early aborts the requests still running.
         """
