@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import os
 import shutil
 import subprocess
@@ -18,9 +16,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from thinfer import LLM  # noqa: E402
-from thinfer.config import EngineConfig  # noqa: E402
-from thinfer.engine.kv_cache import KVCache  # noqa: E402
-from thinfer.engine.llm_engine import LLMEngine  # noqa: E402
 from thinfer.loading.checkpoint import default_model_path  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -45,19 +40,8 @@ def hf_model() -> torch.nn.Module:
 
 
 def with_engine(llm: LLM, num_kv_blocks: int = 2048, **config: object) -> LLM:
-    """A copy of `llm` sharing its weights but with a fresh engine and KV cache."""
-    engine_config = EngineConfig(num_kv_blocks=num_kv_blocks, **config)  # type: ignore[arg-type]
-    model = llm.engine.model
-    param = next(model.parameters())
-    kv_cache = KVCache(
-        llm.model_config, num_kv_blocks, engine_config.block_size, param.dtype, param.device
-    )
-    clone = copy.copy(llm)
-    clone.engine = LLMEngine(
-        model, llm.tokenizer, engine_config, kv_cache, llm.max_model_len, param.device
-    )
-    clone._ids = itertools.count()
-    return clone
+    """A new LLM sharing `llm`'s loaded weights, with its own engine and KV cache."""
+    return LLM(llm.loaded, num_kv_blocks=num_kv_blocks, **config)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

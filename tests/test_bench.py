@@ -93,6 +93,20 @@ def test_bench_latency(tmp_path):
     assert data["loaded"]["tokens"] == 2 * 3
 
 
+def test_bench_stream(tmp_path):
+    # 2040 + 64 tokens exceed the tiny preset's 2048-token context: it is extended.
+    argv = ["bench", "stream", "--tokens", "64", "--prompt-len", "2040", "--threads", "1"]
+    assert main(argv + ["--output-dir", str(tmp_path)]) == 0
+    data = _only(tmp_path, "stream_tiny")
+    assert data["model"] == "tiny" and data["context_extended_from"] == 2048
+    assert data["tokens"] == 64 and set(data["runs"]) == {"delta", "cumulative"}
+    for run in data["runs"].values():
+        binned = run["binned"]
+        assert len(binned["position"]) == len(binned["median_us"]) == 64  # one step per bin
+        assert all(us > 0 for us in binned["median_us"]) and run["total_seconds"] > 0
+    assert data["summary"]["cumulative_over_delta_last_tenth"] > 0
+
+
 def test_bench_bad_batch_sizes(tmp_path, capsys):
     argv = ["bench", "throughput", "--batch-sizes", "1,x", "--output-dir", str(tmp_path)]
     assert main(argv) == 2

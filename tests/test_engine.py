@@ -8,6 +8,7 @@ from conftest import with_engine
 
 from thinfer import SamplingParams
 from thinfer.engine.kv_cache import KVCache
+from thinfer.outputs import RequestOutputKind
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -40,7 +41,7 @@ def test_forced_preemption_keeps_outputs(llm, english_prompts):
     prompts = english_prompts[:8]
     expected = token_ids(roomy.generate(prompts, params))
     got = token_ids(tight.generate(prompts, params))
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.num_preemptions > 0
     assert got == expected
     kv = tight.engine.kv_cache
     assert kv.num_free_blocks == kv.num_blocks
@@ -154,7 +155,10 @@ def test_eos_ends_and_min_tokens_defers_it(llm):
 
 
 def test_streaming_increments_add_up(llm, english_prompts):
-    params = SamplingParams(max_tokens=20, temperature=0.0, stop=["\n\n"])
+    # Cumulative outputs carry the text so far (delta outputs: tests/test_engine_api.py).
+    params = SamplingParams(
+        max_tokens=20, temperature=0.0, stop=["\n\n"], output_kind=RequestOutputKind.CUMULATIVE
+    )
     expected = {o.outputs[0].text for o in llm.generate(english_prompts[:3], params)}
     texts: dict[str, str] = {}
     tokens: dict[str, list[int]] = {}

@@ -218,6 +218,9 @@ def test_metrics_exposition(server, client):
     assert m["vllm:prompt_tokens_total"] > 0 and m["vllm:generation_tokens_total"] >= 3
     for hist in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
         assert m[f"vllm:{hist}_seconds_count"] >= 1
+    # Every finished request held at least its prompt + 2 written tokens at its peak.
+    peaks = m["thinfer:request_peak_kv_slots_count"]
+    assert peaks >= 1 and m["thinfer:request_peak_kv_slots_sum"] >= 3 * peaks
 
 
 # ----- fuzzing the request bodies ---------------------------------------------------------

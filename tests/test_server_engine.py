@@ -77,6 +77,9 @@ def test_abort_ends_the_stream_with_abort(llm):
                 async_engine.abort(["a"])
         assert items[-1].finished and items[-1].outputs[0].finish_reason == "abort"
         assert len(items[-1].outputs[0].token_ids) < 500
+        # The abort's final output carries the whole output, which the deltas add up to.
+        streamed = [t for item in items for t in item.outputs[0].delta_token_ids]
+        assert items[-1].outputs[0].token_ids == streamed and len(streamed) >= 3
         await asyncio.sleep(0.1)
         assert engine.kv_cache.num_used_blocks == 0
 

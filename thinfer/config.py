@@ -143,7 +143,7 @@ class ModelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     """What the engine needs to size batches and the KV cache.
 
@@ -157,6 +157,8 @@ class EngineConfig:
     turns them off. `fused_ops` runs the decoder's small ops (residual add + RMSNorm, RoPE,
     SiLU-multiply) through fused Triton kernels: "auto" exactly when the attention backend is
     triton, True always (where the kernels can run), False never (see `thinfer.models.fused`).
+    Frozen: an engine with other settings is a new engine
+    (`thinfer.engine.factory.build_engine`).
     """
 
     max_num_seqs: int = 64

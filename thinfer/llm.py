@@ -10,13 +10,9 @@ from tqdm import tqdm
 
 from thinfer.attention.backend import select_backend
 from thinfer.compression import CompressionConfig
-from thinfer.config import EngineConfig, resolve_dtype
-from thinfer.engine.kv_cache import KVCache, auto_num_blocks
-from thinfer.engine.llm_engine import LLMEngine
-from thinfer.loading import load_checkpoint
-from thinfer.models import build_model
+from thinfer.config import EngineConfig
+from thinfer.engine.factory import LoadedModel, build_engine, resolve_model
 from thinfer.models.fused import select_layer_ops
-from thinfer.models.linear import pack_linears
 from thinfer.outputs import RequestOutput
 from thinfer.sampling_params import SamplingParams
 
@@ -28,7 +24,9 @@ class LLM:
     """Load a model and generate with continuous batching.
 
     `model` is a HF directory, a GGUF file, or (with `load_format="dummy"`) a preset name such
-    as "llama-2-7b"; None means the embedded SmolLM2-135M-Instruct GGUF. KV capacity is
+    as "llama-2-7b"; None means the embedded SmolLM2-135M-Instruct GGUF. It may also be an
+    already loaded model (`llm.loaded`, then dtype, device and load_format stay at their
+    defaults): the new LLM shares its weights, with its own engine and KV cache. KV capacity is
     `num_kv_blocks` blocks when given, else `kv_cache_memory_fraction` of the free memory.
     `kv_compression` is the default KV-cache compression of requests that set none.
     `attention_backend` is "auto" (Triton kernels on CUDA, else torch), "torch" or "triton".
@@ -40,7 +38,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | LoadedModel | None = None,
         dtype: str | torch.dtype = "auto",
         device: str | None = None,
         load_format: str = "auto",
@@ -68,35 +66,19 @@ class LLM:
             cuda_graphs=cuda_graphs,
             fused_ops=fused_ops,
         )
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch_dtype = resolve_dtype(dtype, dev)
-        backend = select_backend(config.attention_backend, dev)  # before loading: fail fast
-        layer_ops = select_layer_ops(config.fused_ops, backend, dev)
-        checkpoint = load_checkpoint(model, load_format)
-        model_cfg = checkpoint.config
-        context = model_cfg.max_position_embeddings
-        if max_model_len is not None and max_model_len > context:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {context}")
-        self.max_model_len = max_model_len or context
-        net = build_model(model_cfg, torch_dtype, dev)
-        if checkpoint.tensors is None:
-            net.init_dummy_weights(seed)
-        else:
-            net.load_weights(checkpoint.tensors())
-        net.eval()
-        net.set_attention_backend(backend)
-        net.set_layer_ops(layer_ops)
-        pack_linears(net)
-        num_blocks = num_kv_blocks or auto_num_blocks(
-            model_cfg, config, self.max_model_len, torch_dtype, dev
+        if not isinstance(model, LoadedModel):  # a bad backend choice fails before loading
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            select_layer_ops(config.fused_ops, select_backend(config.attention_backend, dev), dev)
+        loaded = resolve_model(
+            model, dtype=dtype, device=device, load_format=load_format, seed=seed
         )
-        kv_cache = KVCache(model_cfg, num_blocks, block_size, torch_dtype, dev)
-        self.tokenizer = checkpoint.tokenizer
-        self.model_config = model_cfg
-        self.source = checkpoint.source
+        self.loaded = loaded
+        self.engine = build_engine(loaded, config, kv_compression=kv_compression)
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.source = loaded.source
+        self.max_model_len = self.engine.max_model_len
         self._ids = itertools.count()
-        self.engine = LLMEngine(net, self.tokenizer, config, kv_cache, self.max_model_len, dev)
-        self.engine.default_compression = CompressionConfig.coerce(kv_compression)  # type: ignore[arg-type]
 
     # ----- batch generation -------------------------------------------------------------
     def generate(
@@ -128,7 +110,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Iterator[RequestOutput]:
-        """Yield increments as they are produced (`outputs[i].delta_text` is what is new).
+        """Yield increments as they are produced: `outputs[i].delta_text`, `delta_token_ids`
+        and `delta_logprobs` are what is new; a request's final output (`finished`) also
+        carries the full text, token ids and logprobs (see `thinfer.outputs`).
 
         Closing the iterator early aborts the requests still running.
         """

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thinfer.compression.config import CompressionConfig
+from thinfer.outputs import RequestOutputKind
 
 GREEDY_BELOW = 1e-5
 
@@ -22,6 +23,8 @@ class SamplingParams:
     the k most likely ones (k=0: the chosen token only). `kv_compression` chooses this
     request's KV-cache compression (a `CompressionConfig` or a dict such as
     `{"method": "window", "budget": 1024}`); None uses the engine's default.
+    `output_kind` says what the request's outputs carry (see `thinfer.outputs`): DELTA
+    (intermediate outputs hold only what is new, the final one the full lists) or CUMULATIVE.
     """
 
     n: int = 1
@@ -40,6 +43,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     kv_compression: CompressionConfig | dict[str, Any] | None = None
     forced_tokens: list[int] = field(default_factory=list)  # replay: the first output tokens
+    output_kind: RequestOutputKind = RequestOutputKind.DELTA
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -108,6 +112,14 @@ class SamplingParams:
             "stop_token_ids",
             self.stop_token_ids,
             "non-negative integers",
+        )
+        if isinstance(self.output_kind, str):
+            self.output_kind = RequestOutputKind(self.output_kind)
+        _check(
+            isinstance(self.output_kind, RequestOutputKind),
+            "output_kind",
+            self.output_kind,
+            "a RequestOutputKind",
         )
 
     @property

@@ -1,5 +1,5 @@
-"""`thinfer bench throughput|latency|decode-curve|speedup|bandwidth|decode-attention`: the
-`thinfer bench` sub-commands."""
+"""`thinfer bench throughput|latency|decode-curve|stream|speedup|bandwidth|decode-attention`:
+the `thinfer bench` sub-commands."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def _decode_curve(args: argparse.Namespace) -> int:
 
     _set_threads(args)
     run_decode_curve(args)
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from thinfer.bench.stream import run_stream
+
+    _set_threads(args)
+    run_stream(args)
     return 0
 
 
@@ -203,9 +211,25 @@ def _add_decode_curve(kinds: Any) -> None:
     dc.set_defaults(func=_decode_curve)
 
 
+def _add_stream(kinds: Any) -> None:
+    st = kinds.add_parser(
+        "stream",
+        help="per-step cost of streamed outputs over one long stream: delta vs cumulative",
+        description="One request of --tokens greedy tokens streamed through LLM.stream, with "
+        "delta outputs and with cumulative outputs (the peer); per step, the time spent "
+        "building and delivering the output, against the position. Default model: the "
+        '"tiny" dummy preset (cheap forward), its context extended to fit. '
+        "--max-num-seqs, --max-model-len and --num-kv-blocks are ignored.",
+    )
+    _common(st, peer=False)
+    st.add_argument("--tokens", type=int, default=16384, help="generated tokens (default 16384)")
+    st.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    st.set_defaults(func=_stream, model="tiny", load_format="dummy")
+
+
 def add_bench_parser(subparsers: Any) -> None:
-    """Add `bench` (throughput, latency, decode-curve, speedup, bandwidth, decode-attention)
-    to the `thinfer` sub-commands."""
+    """Add `bench` (throughput, latency, decode-curve, stream, speedup, bandwidth,
+    decode-attention) to the `thinfer` sub-commands."""
     bench = subparsers.add_parser(
         "bench", help="benchmarks: throughput, latency, decode curves, GPU decode speed"
     )
@@ -235,6 +259,7 @@ def add_bench_parser(subparsers: Any) -> None:
     lat.set_defaults(func=_latency, max_num_seqs=16)
 
     _add_decode_curve(kinds)
+    _add_stream(kinds)
     _add_gpu_benches(kinds)
     from thinfer.bench.compaction import add_parser as add_compaction
 

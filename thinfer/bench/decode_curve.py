@@ -6,7 +6,9 @@ in one process on one engine: with the full KV cache, then with `--method`. The 
 samples each sequence's first token; then `--steps` decoding steps, each sampling one more
 token per sequence, are recorded from `LLMEngine.last_stats` (one more step ends the run; it is
 not recorded, as its sequences finish and free their KV blocks within it): tokens/s, KV
-memory in use, mean and max KV length per sequence, and GFLOPs. GFLOPs of a step = attention
+memory in use, mean and max KV length per sequence after the step, and GFLOPs. The peak KV
+length of the run (`peak_max_kv_len`) is the engine's `RequestMetrics.peak_kv_slots` (counting the
+token being written, before eviction), the most over its requests. GFLOPs of a step = attention
 (QK^T and PV over the cached keys) + the linear layers (q/k/v/o, gate/up/down of every layer
 and `lm_head` on the sampled rows), 2 FLOPs per multiply-add; norms, RoPE, softmax, the
 sampler, KV compaction and the DynTS predictor head (~3 d^2 per token) are not counted.
@@ -144,19 +146,23 @@ def _generate(
     max_tokens: int,
     compression: dict | None,
     tag: str,
-) -> tuple[list[StepStats], float]:
-    """Run one batch to completion; (stats of the all-decode steps, seconds of the others)."""
+) -> tuple[list[StepStats], float, int]:
+    """Run one batch to completion; (stats of the all-decode steps, seconds of the others,
+    the most KV slots a request held)."""
     params = SamplingParams(
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True, kv_compression=compression
     )
     ids: list[str] = []
     decode: list[StepStats] = []
     other = 0.0
+    peak = 0
     try:
         for i in range(batch):
             ids.append(engine.add_request(list(prompt), params, f"decode-curve-{tag}-{i}"))
         while engine.has_unfinished_requests():
-            engine.step()
+            for out in engine.step():
+                if out.finished:
+                    peak = max(peak, out.metrics.peak_kv_slots)
             stats = engine.last_stats
             assert stats is not None
             if stats.num_tokens == batch == stats.num_sampled == len(stats.kv_lens):
@@ -167,11 +173,16 @@ def _generate(
         for request_id in ids:
             engine.abort_request(request_id)
         raise
-    return decode, other
+    return decode, other, peak
 
 
 def _run_record(
-    label: str, cfg: ModelConfig, stats: list[StepStats], other: float, config: dict | None
+    label: str,
+    cfg: ModelConfig,
+    stats: list[StepStats],
+    other: float,
+    config: dict | None,
+    peak_kv_len: int,
 ) -> dict[str, Any]:
     series: dict[str, list[float]] = {name: [] for name in SERIES}
     for s in stats:
@@ -193,7 +204,7 @@ def _run_record(
         "other_seconds": round(other, 4),
         "tokens_per_s": _sig(sum(s.num_sampled for s in stats) / seconds),
         "peak_kv_gb": max(series["kv_gb"]),
-        "peak_max_kv_len": max(series["max_kv_len"]),
+        "peak_max_kv_len": peak_kv_len,
         "per_step": series,
     }
 
@@ -264,7 +275,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
         raw: dict[str, list[StepStats]] = {}
         runs: dict[str, dict[str, Any]] = {}
         for key, config in configs.items():
-            stats, other = _generate(
+            stats, other, peak = _generate(
                 llm.engine, prompt, args.batch_size, args.steps + 2, config, key
             )
             if len(stats) != args.steps + 1:
@@ -272,7 +283,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
             other += stats[-1].seconds
             stats = raw[key] = stats[: args.steps]
             label = "full cache" if config is None else args.method
-            runs[key] = _run_record(label, cfg, stats, other, config)
+            runs[key] = _run_record(label, cfg, stats, other, config, peak)
     if note is not None:
         runs["method"]["kv_compression"]["predictor"] = note
     data: dict[str, Any] = {

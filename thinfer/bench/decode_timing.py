@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from thinfer.bench.hf_peer import hf_generate_tokens, llm_device, llm_dtype
+from thinfer.bench.hf_peer import hf_generate_tokens, llm_device
 from thinfer.config import ModelConfig
-from thinfer.engine.kv_cache import KVCache
-from thinfer.engine.llm_engine import LLMEngine
+from thinfer.engine.factory import build_engine
 from thinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -155,6 +154,7 @@ def build_bench_llm(args: argparse.Namespace, tokens_per_seq: int) -> tuple[LLM,
             json.dump(_hf_config_dict(longer), f)
         llm = LLM(**(kwargs | {"model": tmp}))  # type: ignore[arg-type]
     llm.source = checkpoint.source
+    llm.loaded = dataclasses.replace(llm.loaded, source=checkpoint.source)
     return llm, context
 
 
@@ -169,7 +169,7 @@ def resize_kv_cache(llm: LLM, num_seqs: int = 0, tokens_per_seq: int = 0) -> Non
     """Give `llm` a fresh engine whose KV cache holds `num_seqs` x `tokens_per_seq` tokens
     (one block when 0), all prefilled in one step. The old cache is freed first; if the new
     one does not fit (OutOfMemoryError), `llm` is left with a working 1-block engine."""
-    model, device, dtype = llm.engine.model, llm_device(llm), llm_dtype(llm)
+    device = llm_device(llm)
 
     def install(num_blocks: int, seqs: int, batched: int) -> None:
         config = dataclasses.replace(
@@ -179,10 +179,8 @@ def resize_kv_cache(llm: LLM, num_seqs: int = 0, tokens_per_seq: int = 0) -> Non
             max_num_batched_tokens=batched,
             max_model_len=llm.max_model_len,
         )
-        kv = KVCache(llm.model_config, num_blocks, config.block_size, dtype, device)
         compression = llm.engine.default_compression
-        llm.engine = LLMEngine(model, llm.tokenizer, config, kv, llm.max_model_len, device)
-        llm.engine.default_compression = compression
+        llm.engine = build_engine(llm.loaded, config, kv_compression=compression)
 
     block_size = llm.engine.config.block_size
     install(1, 1, block_size)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from matplotlib.figure import Figure
 
+from thinfer.bench.decode_timing import free_device_memory
 from thinfer.bench.hf_peer import (
     hf_generate_tokens,
     llm_device,
@@ -43,10 +44,9 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def thinfer_generate_tokens(
-    llm: LLM, prompt_token_ids: list[list[int]], batch_size: int, max_tokens: int
+    llm: LLM, prompt_token_ids: list[list[int]], max_tokens: int
 ) -> tuple[float, list[list[int]]]:
-    """Generate with thinfer at most `batch_size` sequences at a time; (seconds, ids)."""
-    llm.engine.config.max_num_seqs = batch_size  # the scheduler reads it every step
+    """Generate with thinfer (at most `llm`'s max_num_seqs at a time); (seconds, ids)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     device = llm_device(llm)
     if device.type == "cuda":
@@ -57,6 +57,12 @@ def thinfer_generate_tokens(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return seconds, [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def engine_settings(kwargs: dict[str, object]) -> dict[str, object]:
+    """`LLM(...)` keyword arguments without those that load the model (model, dtype, device,
+    load_format): what an LLM over an already loaded model takes."""
+    return {k: v for k, v in kwargs.items() if k not in ("model", "dtype", "device", "load_format")}
 
 
 def _entry(tokens: int, seconds: float) -> dict[str, float]:
@@ -78,14 +84,20 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     peer = load_hf_peer(llm, args.load_format) if args.peer == "hf" else None
 
     warm = ids[:WARMUP_PROMPTS]
-    thinfer_generate_tokens(llm, warm, max(sizes), WARMUP_TOKENS)
+    thinfer_generate_tokens(llm, warm, WARMUP_TOKENS)
     if peer is not None:
         hf_generate_tokens(peer, warm, max(sizes), WARMUP_TOKENS)
 
     print(f"{llm.source}: {len(ids)} prompts x {args.max_tokens} tokens", flush=True)
     runs = []
+    # One engine per batch size, sharing the weights and a KV cache as large as the first's.
+    device, loaded = llm_device(llm), llm.loaded
+    settings = engine_settings(kwargs) | {"num_kv_blocks": llm.engine.kv_cache.num_blocks}
     for size in sizes:
-        seconds, tokens = thinfer_generate_tokens(llm, ids, size, args.max_tokens)
+        del llm  # frees the KV cache before the next engine allocates its own
+        free_device_memory(device)
+        llm = LLM(loaded, **(settings | {"max_num_seqs": size}))  # type: ignore[arg-type]
+        seconds, tokens = thinfer_generate_tokens(llm, ids, args.max_tokens)
         run: dict[str, Any] = {
             "batch_size": size,
             "thinfer": _entry(sum(map(len, tokens)), seconds),
@@ -98,7 +110,6 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         runs.append(run)
         _print_row(run)
 
-    device = llm_device(llm)
     data: dict[str, Any] = {
         "benchmark": "throughput",
         "model": llm.source,

@@ -8,7 +8,8 @@ context still fits the budget cannot differ (nothing is evicted yet), so the inc
 reported over the tokens after the budget, where it is not diluted.
 
 Every (window, method) request runs in one engine, batched together; the peak KV length of
-each request is read from the per-step telemetry.
+each request is the engine's `RequestMetrics.peak_kv_slots` (slots held at any time, counting
+the token being written, before any eviction).
 """
 
 from __future__ import annotations
@@ -103,7 +104,6 @@ def replay_all(
                 kv_compression=config if config is not None else {"method": "full"},
             )
             owner[engine.add_request(window.prompt, params, f"{method}-{i}")] = (method, i)
-    seq_of = {seq.seq_id: seq.request_id for seq in engine.scheduler.waiting}
     logprobs: dict[str, list[list[float]]] = {m: [[] for _ in windows] for m in configs}
     peaks: dict[str, list[int]] = {m: [0] * len(windows) for m in configs}
     while engine.has_unfinished_requests():
@@ -111,9 +111,7 @@ def replay_all(
             if out.finished:
                 method, i = owner[out.request_id]
                 logprobs[method][i] = list(out.outputs[0].forced_logprobs or [])
-        for seq_id, kv_len in engine.last_stats.kv_lens.items():
-            method, i = owner[seq_of[seq_id]]
-            peaks[method][i] = max(peaks[method][i], kv_len)
+                peaks[method][i] = out.metrics.peak_kv_slots
     return {m: {"logprobs": logprobs[m], "peak_kv": peaks[m]} for m in configs}
 
 

@@ -3,7 +3,8 @@
 Each trace is replayed through the decode path up to and including the answer prefix
 ("... The code of Alpha is") with the method's compression active, then `ANSWER_TOKENS`
 tokens are generated greedily and the number is compared. All traces of a method run as one
-batch; the peak KV length of each sequence is read from the engine's per-step telemetry.
+batch; the peak KV length of each request is the engine's `RequestMetrics.peak_kv_slots`
+(slots held at any time, counting the token being written, before any eviction).
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ def run_method(llm: LLM, problems: list[ProxyProblem], config: dict | None) -> d
                 index = ids[out.request_id]
                 answer = out.outputs[0].token_ids[problems[index].answer_prefix_end :]
                 texts[index] = llm.tokenizer.decode(answer)
-        for seq_id, kv_len in engine.last_stats.kv_lens.items():
-            peak[seq_id] = max(peak.get(seq_id, 0), kv_len)
+                peak[index] = out.metrics.peak_kv_slots
     seconds = time.perf_counter() - started
     correct = [is_correct(p, texts[i]) for i, p in enumerate(problems)]
     return {

@@ -2,14 +2,16 @@
 
 `add_request` validates everything before touching engine state, so a bad request raises
 `ValueError` and the engine goes on serving the others. `step` runs one scheduled batch and
-returns a `RequestOutput` for every request that made progress.
+returns a `RequestOutput` for every request that made progress: what is new since its previous
+output, and the full lists once, on its final output (see `thinfer.outputs`). Each request's
+KV occupancy (`RequestMetrics.kv_slots`, `peak_kv_slots`) is measured here, with one
+definition for every tool.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -21,30 +23,26 @@ from thinfer.engine.compression import CompressionStage, peak_slots
 from thinfer.engine.decode_graphs import build_decode_graphs
 from thinfer.engine.forcing import choose_tokens
 from thinfer.engine.kv_cache import KVCache
+from thinfer.engine.request_state import RequestState
 from thinfer.engine.runner import ModelRunner
 from thinfer.engine.sampler import SamplingRow
-from thinfer.engine.scheduler import Scheduler
+from thinfer.engine.scheduler import ScheduledSequence, Scheduler
 from thinfer.engine.sequence import Sequence
 from thinfer.engine.stopping import append_text, check_stop, start_detokenizer
 from thinfer.engine.telemetry import StepStats
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.models.llama import LlamaForCausalLM
-from thinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from thinfer.outputs import RequestMetrics, RequestOutput
 from thinfer.sampling_params import SamplingParams
 
 
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    emitted: list[tuple[int, int]] = field(default_factory=list)  # (chars, tokens) per seq
-
-
 class LLMEngine:
-    """Continuous-batching engine over one model and one paged KV cache."""
+    """Continuous-batching engine over one model and one paged KV cache.
+
+    Build one with `thinfer.engine.factory.build_engine` (or `LLM`); `config` is frozen, so an
+    engine with other settings is a new engine (it may share the loaded model).
+    `default_compression` is the KV-cache compression of requests that set none.
+    """
 
     def __init__(
         self,
@@ -54,6 +52,7 @@ class LLMEngine:
         kv_cache: KVCache,
         max_model_len: int,
         device: torch.device,
+        default_compression: CompressionConfig | None = None,
     ) -> None:
         self.model = model
         self.model_config: ModelConfig = model.config
@@ -71,11 +70,11 @@ class LLMEngine:
         if tokenizer is not None:
             eos |= set(tokenizer.eos_token_ids)
         self.eos_token_ids = eos
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
-        self.default_compression: CompressionConfig | None = None
+        self.default_compression: CompressionConfig | None = default_compression
         self.num_steps = 0
         self.last_stats: StepStats | None = None
         self.num_prompt_tokens_total = 0
@@ -156,32 +155,56 @@ class LLMEngine:
             self.compression.attach(seq, self._compression_for(params))
             start_detokenizer(seq)
             seqs.append(seq)
-        request = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
-        request.emitted = [(0, 0)] * len(seqs)
+        metrics = RequestMetrics(
+            arrival_time=now,
+            sample_peak_kv_slots=[0] * len(seqs),
+            kv_bytes_per_slot=self.kv_cache.bytes_per_block // self.kv_cache.block_size,
+        )
+        request = RequestState(request_id, text, ids, seqs, metrics)
         self._requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens_total += len(ids)
         return request_id
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks (unknown ids are ignored)."""
-        request = self._requests.pop(request_id, None)
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (full lists,
+        finish_reason "abort" on unfinished samples), or None for an unknown or finished id."""
+        request = self._requests.get(request_id)
         if request is None:
-            return
+            return None
+        now = time.monotonic()
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
+                seq.finished_time = now
                 self.scheduler.finish(seq)
+        return self._make_output(request, now)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is waiting or running."""
         return bool(self._requests)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        """Requests not yet finished."""
+    def get_num_unfinished_requests(self) -> int:
+        """Requests not yet finished (vLLM's name): running plus waiting."""
         return len(self._requests)
+
+    def get_num_running_requests(self) -> int:
+        """Requests with at least one sample admitted to the batch (holding KV blocks)."""
+        return len(self.get_running_request_ids())
+
+    def get_running_request_ids(self) -> set[str]:
+        """Ids of the requests counted by `get_num_running_requests`."""
+        return {seq.request_id for seq in self.scheduler.running}
+
+    def get_num_waiting_requests(self) -> int:
+        """Unfinished requests with no sample running (queued, or all samples preempted)."""
+        return len(self._requests) - self.get_num_running_requests()
+
+    @property
+    def num_preemptions(self) -> int:
+        """Sequences preempted (swapped out) since the engine started."""
+        return self.scheduler.num_preemptions
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
@@ -198,16 +221,19 @@ class LLMEngine:
             return []
         kv_before = [item.seq.kv_len for item in batch]
         logits, hidden, capture = self.runner.execute(batch)
+        self._record_peak_kv(batch)
         self.compression.observe(batch, capture, hidden)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
         sampled = choose_tokens(logits, sampling, rows)
         now = time.monotonic()
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         for seq, token in zip(sampling, sampled, strict=True):
             self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
             touched[seq.request_id] = self._requests[seq.request_id]
+        built = time.perf_counter()
         outputs = [self._make_output(request, now) for request in touched.values()]
+        output_seconds = time.perf_counter() - built
         self.num_steps += 1
         self.last_stats = telemetry.collect(
             self.num_steps,
@@ -217,6 +243,7 @@ class LLMEngine:
             len(sampling),
             self.kv_cache,
             self.model_config,
+            output_seconds,
         )
         return outputs
 
@@ -253,36 +280,15 @@ class LLMEngine:
             return
         self.compression.compress(seq)  # evict before the new token is written
 
-    def _make_output(self, request: _Request, now: float) -> RequestOutput:
-        outputs = []
-        for i, seq in enumerate(request.seqs):
-            done = seq.finish_reason is not None
-            holdback = 0 if done or not seq.params.stop else max(map(len, seq.params.stop)) - 1
-            visible = seq.text[: max(0, len(seq.text) - holdback)] if holdback else seq.text
-            chars, tokens = request.emitted[i]
-            request.emitted[i] = (max(chars, len(visible)), len(seq.output_token_ids))
-            outputs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=visible,
-                    token_ids=list(seq.output_token_ids),
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                    delta_text=visible[chars:],
-                    delta_token_ids=seq.output_token_ids[tokens:],
-                    forced_logprobs=list(seq.forced_logprobs) if seq.params.forced_tokens else None,
-                )
-            )
-        finished = all(seq.finish_reason is not None for seq in request.seqs)
-        metrics = request.metrics
-        firsts = [s.first_token_time for s in request.seqs if s.first_token_time is not None]
-        metrics.first_token_time = min(firsts) if firsts else None
-        metrics.num_generated_tokens = max(len(s.output_token_ids) for s in request.seqs)
-        if finished:
-            metrics.finished_time = now
+    def _record_peak_kv(self, batch: list[ScheduledSequence]) -> None:
+        """Peak KV of every request in the batch, right after the model wrote its tokens."""
+        for item in batch:
+            request = self._requests.get(item.seq.request_id)
+            if request is not None:
+                request.record_peak_kv(item.seq)
+
+    def _make_output(self, request: RequestState, now: float) -> RequestOutput:
+        output = request.make_output(now)
+        if output.finished:
             self._requests.pop(request.request_id, None)
-        return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, metrics
-        )
+        return output

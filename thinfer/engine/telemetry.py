@@ -24,6 +24,7 @@ class StepStats:
     kv_blocks_in_use: int
     kv_bytes_in_use: int
     attention_flops: int
+    output_seconds: float = 0.0  # building the step's RequestOutputs (part of `seconds`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -55,6 +56,7 @@ def collect(
     num_sampled: int,
     kv_cache: KVCache,
     model: ModelConfig,
+    output_seconds: float = 0.0,
 ) -> StepStats:
     """Stats of a finished step (call after compaction so KV lengths are current)."""
     return StepStats(
@@ -66,4 +68,5 @@ def collect(
         kv_blocks_in_use=kv_cache.num_used_blocks,
         kv_bytes_in_use=kv_cache.num_used_blocks * kv_cache.bytes_per_block,
         attention_flops=attention_flops(model, batch, kv_before),
+        output_seconds=output_seconds,
     )

@@ -194,7 +194,7 @@ class AsyncEngine:
         try:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
-            waiting = len({seq.request_id for seq in engine.scheduler.waiting})
+            waiting = engine.get_num_waiting_requests()
             if self.max_waiting is not None and waiting + len(command.prompts) > self.max_waiting:
                 raise QueueFullError(
                     f"too many requests waiting ({waiting}, bound {self.max_waiting})"
@@ -228,8 +228,7 @@ class AsyncEngine:
             tracked = self._tracked.pop(request_id, None)
             if tracked is None:
                 continue
-            self.engine.abort_request(request_id)
-            out = aborted_output(request_id, tracked, now)
+            out = self.engine.abort_request(request_id) or aborted_output(request_id, tracked, now)
             if self.on_output is not None:
                 self.on_output(out, False)
             deliveries.append((tracked.queue, out))
@@ -242,7 +241,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as exc:
             logger.exception("engine step failed; failing the running requests")
-            running = {seq.request_id for seq in self.engine.scheduler.running}
+            running = self.engine.get_running_request_ids()
             failed = [rid for rid in self._tracked if rid in running] or list(self._tracked)
             message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
             self._fail(failed, message, deliveries)
@@ -251,7 +250,6 @@ class AsyncEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            tracked.last = out
             first = not tracked.got_first_token and out.metrics.first_token_time is not None
             tracked.got_first_token |= first
             if out.finished:
@@ -273,16 +271,15 @@ class AsyncEngine:
 
     def _publish_stats(self) -> None:
         engine = self.engine
-        scheduler = engine.scheduler
         self.stats = EngineStats(
-            num_running=len({seq.request_id for seq in scheduler.running}),
-            num_waiting=len({seq.request_id for seq in scheduler.waiting}),
+            num_running=engine.get_num_running_requests(),
+            num_waiting=engine.get_num_waiting_requests(),
             num_unfinished=len(self._tracked),
             kv_blocks_used=engine.kv_cache.num_used_blocks,
             kv_blocks_total=engine.kv_cache.num_usable_blocks,
             prompt_tokens_total=engine.num_prompt_tokens_total,
             generation_tokens_total=engine.num_generated_tokens_total,
-            preemptions_total=scheduler.num_preemptions,
+            preemptions_total=engine.num_preemptions,
         )
 
     def _deliver(self, deliveries: list[tuple[asyncio.Queue, object]]) -> None:

@@ -7,7 +7,9 @@ vLLM's names where they fit, labelled `model_name`:
 - counters `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
   `vllm:num_preemptions_total`, `vllm:request_success_total{finished_reason}`;
 - histograms `vllm:time_to_first_token_seconds`, `vllm:time_per_output_token_seconds` (per
-  request: mean time between its output tokens), `vllm:e2e_request_latency_seconds`.
+  request: mean time between its output tokens), `vllm:e2e_request_latency_seconds`, and
+  `thinfer:request_peak_kv_slots` (the engine's `RequestMetrics.peak_kv_slots` of each
+  finished request: KV slots held at any time, summed over its samples).
 
 Gauges and counters are read from the engine thread's latest `EngineStats` snapshot at scrape
 time; histograms are observed by the engine thread as requests progress.
@@ -28,6 +30,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_KV_BUCKETS = tuple(float(2**i) for i in range(4, 18))
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -96,6 +99,13 @@ class ServerMetrics:
             buckets=_E2E_BUCKETS,
             registry=self.registry,
         ).labels(model_name)
+        self._peak_kv = Histogram(
+            "thinfer:request_peak_kv_slots",
+            "Per finished request: the most KV slots it held at any time.",
+            labels,
+            buckets=_KV_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
         self._success = Counter(
             "vllm:request_success",
             "Requests finished, by finish reason of their first sample.",
@@ -115,6 +125,7 @@ class ServerMetrics:
         self._success.labels(self.model_name, reason or "unknown").inc()
         if reason == "abort":
             return
+        self._peak_kv.observe(m.peak_kv_slots)
         if m.time_per_output_token is not None:
             self._tpot.observe(m.time_per_output_token)
         if m.finished_time is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -70,13 +69,12 @@ class AddCommand:
 
 @dataclass
 class Tracked:
-    """The engine thread's record of a request it runs: where its outputs go, its last one."""
+    """The engine thread's record of a request it runs: where its outputs go."""
 
     queue: asyncio.Queue
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float
-    last: RequestOutput | None = None
     got_first_token: bool = False
 
 
@@ -100,23 +98,11 @@ class RequestStream:
 
 
 def aborted_output(request_id: str, tracked: Tracked, now: float) -> RequestOutput:
-    """The final output of an aborted request: what it had, finish_reason "abort"."""
-    last = tracked.last
-    if last is None:
-        completions = [
-            CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
-            for i in range(tracked.params.n)
-        ]
-        metrics = RequestMetrics(arrival_time=tracked.arrival, finished_time=now)
-        return RequestOutput(request_id, None, tracked.prompt_token_ids, completions, True, metrics)
+    """A final "abort" output for a request the engine no longer knows (nothing generated
+    is known here; an abort the engine answers carries what the request had)."""
     completions = [
-        dataclasses.replace(
-            c,
-            finish_reason=c.finish_reason or "abort",
-            delta_text="",
-            delta_token_ids=[],
-        )
-        for c in last.outputs
+        CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
+        for i in range(tracked.params.n)
     ]
-    metrics = dataclasses.replace(last.metrics, finished_time=now)
-    return RequestOutput(request_id, last.prompt, last.prompt_token_ids, completions, True, metrics)
+    metrics = RequestMetrics(arrival_time=tracked.arrival, finished_time=now)
+    return RequestOutput(request_id, None, tracked.prompt_token_ids, completions, True, metrics)

@@ -100,10 +100,12 @@ class ResponseBuilder:
     def _index(self, out: RequestOutput, completion: CompletionOutput) -> int:
         return self.request_ids.index(out.request_id) * self.n + completion.index
 
-    def _logprobs(self, completion: CompletionOutput, tokens: list[int], index: int) -> Any:
-        if self.logprobs_k is None or completion.logprobs is None:
+    def _logprobs(
+        self, tokens: list[int], entries: list[dict[int, float]] | None, index: int
+    ) -> Any:
+        """The logprobs object of `tokens` (their `entries`), None when none were asked."""
+        if self.logprobs_k is None or entries is None:
             return None
-        entries = completion.logprobs[len(completion.logprobs) - len(tokens) :]
         if self.kind == "chat":
             return chat_logprobs(tokens, entries, self.logprobs_k, self.token_text)
         result = completion_logprobs(
@@ -131,7 +133,7 @@ class ResponseBuilder:
         for out in (self._finals[rid] for rid in self.request_ids):
             for c in out.outputs:
                 index = self._index(out, c)
-                logprobs = self._logprobs(c, c.token_ids, index)
+                logprobs = self._logprobs(c.token_ids, c.logprobs, index)
                 if self.kind == "chat":
                     message = {"role": "assistant", "content": c.text}
                     choice = {"index": index, "message": message}
@@ -175,7 +177,7 @@ class ResponseBuilder:
                 continue  # e.g. text held back while it may still become a stop string
             if c.finish_reason is not None:
                 self._finished.add(index)
-            logprobs = self._logprobs(c, c.delta_token_ids, index)
+            logprobs = self._logprobs(c.delta_token_ids, c.delta_logprobs, index)
             if self.kind == "chat":
                 delta = {"content": c.delta_text} if c.delta_text else {}
                 choice: dict[str, Any] = {"index": index, "delta": delta}

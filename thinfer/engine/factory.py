@@ -1,0 +1,132 @@
+"""Building engines: `load_model` loads weights once, `build_engine` wires an engine.
+
+`build_engine` is the one place that turns settings into an `LLMEngine`: it checks the
+context length, picks the attention backend, sizes and allocates the KV cache. `LLM` uses it;
+so do benchmarks and tests that need an engine with other settings: they build a new engine
+(sharing an already loaded model) instead of changing a live one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from thinfer.attention.backend import select_backend
+from thinfer.compression import CompressionConfig
+from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
+from thinfer.engine.kv_cache import KVCache, auto_num_blocks
+from thinfer.engine.llm_engine import LLMEngine
+from thinfer.loading import load_checkpoint
+from thinfer.loading.tokenizer import Tokenizer
+from thinfer.models import build_model
+from thinfer.models.fused import select_layer_ops
+from thinfer.models.linear import pack_linears
+from thinfer.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to serve: the network on its device, its tokenizer, where it came from.
+
+    Engines built from one `LoadedModel` share its weights (not their KV caches); run them
+    one at a time, since each engine sets the model's attention backend when built.
+    """
+
+    net: LlamaForCausalLM
+    tokenizer: Tokenizer | None
+    source: str
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's shape."""
+        return self.net.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return next(self.net.parameters()).dtype
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load `model` (a HF directory, a GGUF file, a dummy preset with `load_format="dummy"`,
+    or None for the embedded SmolLM2-135M GGUF); dummy weights are drawn from `seed`."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = resolve_dtype(dtype, dev)
+    checkpoint = load_checkpoint(model, load_format)
+    net = build_model(checkpoint.config, torch_dtype, dev)
+    if checkpoint.tensors is None:
+        net.init_dummy_weights(seed)
+    else:
+        net.load_weights(checkpoint.tensors())
+    net.eval()
+    pack_linears(net)
+    return LoadedModel(net, checkpoint.tokenizer, checkpoint.source)
+
+
+def resolve_model(
+    model: str | LoadedModel | None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> LoadedModel:
+    """`model` itself when already loaded (then dtype, device and load_format must stay at
+    their defaults: ValueError otherwise), else `load_model(model, ...)`."""
+    if not isinstance(model, LoadedModel):
+        return load_model(model, dtype=dtype, device=device, load_format=load_format, seed=seed)
+    if (dtype, device, load_format) != ("auto", None, "auto"):
+        raise ValueError("dtype, device and load_format apply when loading, not to a loaded model")
+    return model
+
+
+def build_engine(
+    model: str | LoadedModel | None = None,
+    config: EngineConfig | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    load_format: str = "auto",
+    kv_compression: CompressionConfig | dict[str, object] | None = None,
+) -> LLMEngine:
+    """An engine over `model` (loaded here with `load_model`, or already loaded) with the
+    settings of `config`; `kv_compression` is the default compression of its requests.
+
+    Raises ValueError if `config.max_model_len` exceeds the model's context, or if dtype,
+    device or load_format are given with an already loaded model.
+    """
+    config = config or EngineConfig()
+    loaded = resolve_model(
+        model, dtype=dtype, device=device, load_format=load_format, seed=config.seed
+    )
+    context = loaded.config.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > context:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} exceeds the model's context {context}"
+        )
+    max_model_len = config.max_model_len or context
+    dev, torch_dtype = loaded.device, loaded.dtype
+    backend = select_backend(config.attention_backend, dev)
+    loaded.net.set_attention_backend(backend)
+    loaded.net.set_layer_ops(select_layer_ops(config.fused_ops, backend, dev))
+    num_blocks = config.num_kv_blocks or auto_num_blocks(
+        loaded.config, config, max_model_len, torch_dtype, dev
+    )
+    kv_cache = KVCache(loaded.config, num_blocks, config.block_size, torch_dtype, dev)
+    compression = CompressionConfig.coerce(kv_compression)  # type: ignore[arg-type]
+    return LLMEngine(
+        loaded.net, loaded.tokenizer, config, kv_cache, max_model_len, dev, compression
+    )
