@@ -34,8 +34,11 @@ def test_stats_show_memory_freed_by_compression(llm, english_prompts):
         kv_compression={"method": "window", "budget": 16},
     )
     engine.add_request(english_prompts[0], params)
-    used = []
+    used, compressing = [], []
     while engine.has_unfinished_requests():
         engine.step()
         used.append(engine.last_stats.kv_blocks_in_use)
+        compressing.append(engine.last_stats.compression_seconds)
     assert max(used) <= 2 + 1 and used[-1] == 0  # a 16-slot window never holds more
+    assert all(t > 0 for t in compressing[:-1])  # timed whenever the stage ran
+    assert compressing[-1] == 0.0  # the last token ends the request: nothing to compress

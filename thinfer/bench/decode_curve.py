@@ -38,7 +38,15 @@ CHECKPOINT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 WARMUP_TOKENS = 4
 MEMORY_HEADROOM = 0.9  # of the free memory, for weights + KV; the rest for activations
 RANDOM_HEAD = "random head (seed 0): speed and memory do not depend on its quality"
-SERIES = ("tokens_per_s", "kv_gb", "mean_kv_len", "max_kv_len", "attention_gflops", "gflops")
+SERIES = (
+    "tokens_per_s",
+    "kv_gb",
+    "mean_kv_len",
+    "max_kv_len",
+    "attention_gflops",
+    "gflops",
+    "compression_ms",
+)
 
 
 def linear_params_per_layer(cfg: ModelConfig) -> int:
@@ -196,6 +204,7 @@ def _run_record(
         series["gflops"].append(
             _sig(attention + linear_flops(cfg, s.num_tokens, s.num_sampled) / 1e9)
         )
+        series["compression_ms"].append(_sig(1e3 * s.compression_seconds))
     seconds = sum(s.seconds for s in stats)
     return {
         "label": label,
@@ -311,6 +320,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
             "gflops": "attention (QK^T, PV) + linear layers (q/k/v/o, gate/up/down, lm_head on "
             "sampled rows), 2 FLOPs per multiply-add; not norms, RoPE, softmax, predictor head",
             "tokens_per_s_smoothed": f"tokens / seconds over the last {SMOOTH_STEPS} steps",
+            "compression_ms": "milliseconds of the step inside compression (select + compact)",
         },
         "runs": runs,
         "summary": _summary(runs, raw),

@@ -11,6 +11,7 @@ engine; the model and the attention backends never see a method.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ class CompressionStage:
         self.rotary = rotary
         self.prepare_context = prepare_context
         self._resources: dict[tuple[str, Any], Any] = {}
+        self.seconds = 0.0  # time inside `compress` (select + compact) since the last reset
 
     # ----- admission ----------------------------------------------------------------------
     def resources(self, config: CompressionConfig) -> Any:
@@ -180,6 +182,11 @@ class CompressionStage:
         comp = seq.compression
         if comp is None:
             return
+        started = time.perf_counter()
+        self._compress(seq, comp)
+        self.seconds += time.perf_counter() - started
+
+    def _compress(self, seq: Sequence, comp: SequenceCompression) -> None:
         view = SequenceView(
             seq.kv_len,
             len(seq.output_token_ids),

@@ -220,6 +220,7 @@ class LLMEngine:
                 raise RuntimeError("scheduler could not place any waiting sequence")
             return []
         kv_before = [item.seq.kv_len for item in batch]
+        self.compression.seconds = 0.0
         logits, hidden, capture = self.runner.execute(batch)
         self._record_peak_kv(batch)
         self.compression.observe(batch, capture, hidden)
@@ -244,6 +245,7 @@ class LLMEngine:
             self.kv_cache,
             self.model_config,
             output_seconds,
+            self.compression.seconds,
         )
         return outputs
 

@@ -25,6 +25,7 @@ class StepStats:
     kv_bytes_in_use: int
     attention_flops: int
     output_seconds: float = 0.0  # building the step's RequestOutputs (part of `seconds`)
+    compression_seconds: float = 0.0  # selecting and compacting evicted slots (part of it)
 
     @property
     def tokens_per_second(self) -> float:
@@ -57,6 +58,7 @@ def collect(
     kv_cache: KVCache,
     model: ModelConfig,
     output_seconds: float = 0.0,
+    compression_seconds: float = 0.0,
 ) -> StepStats:
     """Stats of a finished step (call after compaction so KV lengths are current)."""
     return StepStats(
@@ -69,4 +71,5 @@ def collect(
         kv_bytes_in_use=kv_cache.num_used_blocks * kv_cache.bytes_per_block,
         attention_flops=attention_flops(model, batch, kv_before),
         output_seconds=output_seconds,
+        compression_seconds=compression_seconds,
     )
