@@ -40,7 +40,11 @@ def hf_model() -> torch.nn.Module:
 
 
 def with_engine(llm: LLM, num_kv_blocks: int = 2048, **config: object) -> LLM:
-    """A new LLM sharing `llm`'s loaded weights, with its own engine and KV cache."""
+    """A new LLM sharing `llm`'s loaded weights, with its own engine and KV cache. It keeps
+    `llm`'s attention backend and fused ops unless told otherwise (building an engine sets
+    them on the shared model)."""
+    config.setdefault("attention_backend", llm.engine.config.attention_backend)
+    config.setdefault("fused_ops", llm.engine.config.fused_ops)
     return LLM(llm.loaded, num_kv_blocks=num_kv_blocks, **config)  # type: ignore[arg-type]
 
 

@@ -24,6 +24,7 @@ from thinfer.bench.attention_bench import decode_inputs, moved_bytes  # noqa: E4
 from thinfer.bench.decode_curve import weight_bytes  # noqa: E402
 from thinfer.cli import main  # noqa: E402
 from thinfer.config import ModelConfig  # noqa: E402
+from thinfer.engine import factory as engine_factory  # noqa: E402
 from thinfer.loading.dummy import PRESETS, preset_config  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU run at real shapes needs CUDA")
@@ -61,7 +62,7 @@ def test_speedup_grid_with_oom_cells(tmp_path, monkeypatch):
     # fails in cell (16, 2), exercising the real recovery (1-block engine, grid goes on);
     # HF's generate fails in cell (32, 2).
     fail = {"kv": False}
-    real_kv_cache, real_time_thinfer = decode_timing.KVCache, speedup.time_thinfer
+    real_kv_cache, real_time_thinfer = engine_factory.KVCache, speedup.time_thinfer
     real_generate = decode_timing.hf_generate_tokens
 
     def kv_cache(cfg, num_blocks, *args):
@@ -81,7 +82,7 @@ def test_speedup_grid_with_oom_cells(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (mocked HF generate)")
         return real_generate(model, prompts, batch_size, max_new_tokens)
 
-    monkeypatch.setattr(decode_timing, "KVCache", kv_cache)
+    monkeypatch.setattr(engine_factory, "KVCache", kv_cache)  # where engines allocate it
     monkeypatch.setattr(speedup, "time_thinfer", time_thinfer)
     monkeypatch.setattr(decode_timing, "hf_generate_tokens", hf_generate)
     argv = ["bench", "speedup", *TINY, "--input-lens", "16,32", "--batch-sizes", "1,2"]

@@ -137,14 +137,15 @@ def test_h2o_keeps_heavy_hitters_and_recent(budget, window, steps, seed):
     n = budget - 1
     state = make_state(config, n, LAYERS, KV_HEADS)
     dense = [[dict.fromkeys(range(n), 0.0) for _ in range(KV_HEADS)] for _ in range(LAYERS)]
+    position = n  # of the next token (with window 0 even the newest may be evicted)
     for step in range(steps):
         n = state.length
         sums = torch.randint(0, 6, (LAYERS, KV_HEADS, n), generator=gen) / 4  # ties
         state.value("attention").add_(sums)
         for layer in range(LAYERS):
             for head in range(KV_HEADS):
-                for slot, position in enumerate(state.positions[layer, head].tolist()):
-                    dense[layer][head][position] += float(sums[layer, head, slot])
+                for slot, token in enumerate(state.positions[layer, head].tolist()):
+                    dense[layer][head][token] += float(sums[layer, head, slot])
         keep = select(config, n, generated=step + 1, state=state)
         if n < budget:
             assert keep is None
@@ -161,11 +162,11 @@ def test_h2o_keeps_heavy_hitters_and_recent(budget, window, steps, seed):
                     dense[layer][head] = {p: acc[p] for p in expected}
             mask = torch.zeros(LAYERS, KV_HEADS, n, dtype=torch.bool)
             state.apply(plan_compaction(mask.scatter_(-1, keep, True), keep.shape[-1]))
-        position = max(dense[0][0]) + 1  # the new token is written
-        state.append(torch.tensor([position]), torch.zeros(1, dtype=torch.bool))
+        state.append(torch.tensor([position]), torch.zeros(1, dtype=torch.bool))  # written
         for layer in range(LAYERS):
             for head in range(KV_HEADS):
                 dense[layer][head][position] = 0.0
+        position += 1
 
 
 @settings(max_examples=40, deadline=None)
