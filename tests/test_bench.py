@@ -107,6 +107,22 @@ def test_bench_stream(tmp_path):
     assert data["summary"]["cumulative_over_delta_last_tenth"] > 0
 
 
+def test_bench_compaction(tmp_path, capsys):
+    argv = ["bench", "compaction", "--model", "tiny", "--budgets", "16,32", "--min-steps", "4"]
+    assert main(argv + ["--output-dir", str(tmp_path)]) == 0
+    data = _only(tmp_path, "compaction")
+    assert data["config"]["budgets"] == [16, 32]
+    assert set(data["results"]) == {"window", "h2o", "dynts"}
+    for method, plans in data["results"].items():
+        assert set(plans) == {"fill_holes", "in_order"}
+        for plan in plans.values():
+            for budget, row in plan.items():
+                assert row["mean_ms"] > 0 and row["steps"] >= 4, (method, budget)
+        assert set(data["in_order_over_fill_holes"][method]) == {"16", "32"}
+    assert main(["bench", "compaction", "--budgets", "16,x"]) == 2
+    assert "--budgets" in capsys.readouterr().err
+
+
 def test_bench_bad_batch_sizes(tmp_path, capsys):
     argv = ["bench", "throughput", "--batch-sizes", "1,x", "--output-dir", str(tmp_path)]
     assert main(argv) == 2
@@ -157,6 +173,9 @@ def test_bench_decode_curve_window(tmp_path):
     }
     assert data["predictor"] is None
     _check_bounded(data, 24)
+    method = data["runs"]["method"]
+    assert all(ms > 0 for ms in method["per_step"]["compression_ms"])  # timed every step
+    assert method["compression_ms_mean"] > 0 == data["runs"]["full"]["compression_ms_mean"]
     lens = data["runs"]["method"]["per_step"]["max_kv_len"]
     assert lens[-12:] == [lens[-1]] * 12  # a full window stays the same size
 

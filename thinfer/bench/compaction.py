@@ -104,7 +104,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     cfg = preset_config(args.model)
     methods = [m for m in args.methods.split(",") if m]
-    budgets = [int(b) for b in args.budgets.split(",") if b]
+    for method in methods:
+        method_config(method, 16)  # unknown methods fail here, naming the choices
+    try:
+        budgets = [int(b) for b in args.budgets.split(",") if b]
+    except ValueError:
+        raise ValueError(
+            f"--budgets must be comma-separated integers, got {args.budgets!r}"
+        ) from None
+    if not budgets or min(budgets) < 8:
+        raise ValueError(f"--budgets must be integers >= 8, got {args.budgets!r}")
     results: dict[str, Any] = {}
     for method in methods:
         for budget in budgets:
@@ -142,10 +151,11 @@ def _plot(record: dict[str, Any]) -> Any:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = record["config"]["budgets"]
-    for method, plans in record["results"].items():
+    for index, (method, plans) in enumerate(record["results"].items()):
         for plan_name, style in (("fill_holes", "-o"), ("in_order", "--x")):
             values = [plans[plan_name][str(b)]["mean_ms"] for b in budgets]
-            ax.plot(budgets, values, style, label=f"{method}, {plan_name.replace('_', ' ')}")
+            label = f"{method}, {plan_name.replace('_', ' ')}"
+            ax.plot(budgets, values, style, color=f"C{index}", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("budget B (KV slots per sequence)")

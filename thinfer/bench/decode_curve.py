@@ -214,6 +214,7 @@ def _run_record(
         "tokens_per_s": _sig(sum(s.num_sampled for s in stats) / seconds),
         "peak_kv_gb": max(series["kv_gb"]),
         "peak_max_kv_len": peak_kv_len,
+        "compression_ms_mean": _sig(1e3 * sum(s.compression_seconds for s in stats) / len(stats)),
         "per_step": series,
     }
 
