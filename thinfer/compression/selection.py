@@ -50,31 +50,36 @@ def select_slots(
         return None
     num_recent, count = rule
 
-    def context(positions: torch.Tensor, values: dict[str, torch.Tensor], recent: int) -> Any:
+    def context(order: torch.Tensor | None, recent: int) -> ScoreContext:
+        """The scoring view: in position order (`order` sorts the slots), or in slot order."""
+
+        def arrange(values: torch.Tensor) -> torch.Tensor:
+            return values if order is None else values.gather(-1, order)
+
+        keys = layer_keys
+        if keys is not None and order is not None:
+            keys = _ordered_keys(keys, order)
         return ScoreContext(
             kv_len=view.kv_len,
             num_recent=recent,
             num_generated=view.num_generated,
             prompt_len=view.prompt_len,
-            positions=positions,
-            values=values,
+            positions=arrange(state.positions),
+            values={name: arrange(state.value(name)) for name in state.value_names},
             token_ids=lambda at: torch.tensor(view.all_token_ids(), device=at.device)[at],
-            keys=_ordered_keys(layer_keys, order) if layer_keys is not None else None,
+            keys=keys,
             queries=queries,
             num_layers=num_layers,
             resources=resources,
             uniform=config.trigger == "uniform",
         )
 
-    order = state.positions  # placeholder for pointwise methods (keys are not read there)
-    if config.params.pointwise:  # score every slot where it is: no reordering
-        values = {name: state.value(name) for name in state.value_names}
-        scores = _shared(config, config.params.score(context(state.positions, values, 0)))
+    if config.params.pointwise:  # score every slot where it lies: no reordering, O(slots)
+        scores = _shared(config, config.params.score(context(None, 0)))
         keep = keep_mask(scores, state.positions, state.protected, num_recent, count)
         return keep, view.kv_len - _num_evicted(keep)
     order = torch.sort(state.positions, dim=-1, stable=True).indices
-    values = {name: state.value(name).gather(-1, order) for name in state.value_names}
-    ctx = context(state.positions.gather(-1, order), values, num_recent)
+    ctx = context(order, num_recent)
     if ctx.num_old:
         scores = _shared(config, config.params.score(ctx))
     else:
