@@ -48,3 +48,25 @@ def test_proxy_cli_bad_input(tmp_path):
     assert result.returncode == 2 and "--count" in result.stderr
     result = run_cli("dynts", "proxy-eval", "--methods", "full,dynts", "--count", "2")
     assert result.returncode == 2 and "--predictor" in result.stderr
+
+
+def test_scoring_applies_to_per_head_methods_only():
+    import argparse
+
+    from thinfer.compression import CompressionConfig
+    from thinfer.dynts.proxy_eval import method_config, result_name
+    from thinfer.eval.runner import compression_for
+
+    args = argparse.Namespace(
+        budget=64, window=16, ratio=0.3, trigger="uniform", predictor="h.st", scoring="shared"
+    )
+    for method in ("h2o", "snapkv", "rkv"):
+        assert CompressionConfig.coerce(method_config(args, method, [7])).scoring == "shared"
+        assert compression_for(method, args, [7])["scoring"] == "shared"
+    for method in ("window", "streamingllm", "sepllm", "dynts"):
+        assert "scoring" not in method_config(args, method, [7])
+        assert "scoring" not in compression_for(method, args, [7])
+    assert result_name("fidelity_nll", args) == "fidelity_nll_uniform_b64_shared"
+    args.scoring = "per_head"
+    assert "scoring" not in method_config(args, "h2o", [7])
+    assert result_name("fidelity_nll", args) == "fidelity_nll_uniform_b64"

@@ -166,6 +166,15 @@ def _stray_message(method: str, stray: list[str], own: set[str]) -> str:
     return f"kv_compression: {'; '.join(parts)} (fields of {method}: {fields})"
 
 
+def scoring_field(method: str, scoring: str) -> dict[str, str]:
+    """`{"scoring": scoring}` for a method that scores per head and is asked to score
+    `shared`; {} otherwise (token-scoring methods are always shared, per_head is the
+    default). Lets tools apply one `--scoring` to a list of methods."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"--scoring must be one of {SCORINGS}, got {scoring!r}")
+    return {"scoring": scoring} if scoring == "shared" and method_class(method).per_head else {}
+
+
 BUILTIN_ORDER = ("full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv", "dynts")
 
 

@@ -157,7 +157,7 @@ def run_fidelity(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, 
     """Run `thinfer dynts fidelity`; returns the JSON record (also written with its PNG)."""
     from thinfer.bench.report import write_result
     from thinfer.dynts.fidelity_plot import plot_fidelity
-    from thinfer.dynts.proxy_eval import method_config
+    from thinfer.dynts.proxy_eval import method_config, result_name
     from thinfer.dynts.traces import think_end_ids
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -200,10 +200,11 @@ def run_fidelity(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, 
         "window": args.window,
         "ratio": args.ratio,
         "trigger": args.trigger,
+        "scoring": getattr(args, "scoring", "per_head"),
         "predictor": args.predictor,
         "methods": summary,
     }
-    name = f"fidelity_nll_{args.trigger}_b{args.budget}"
+    name = result_name("fidelity_nll", args)
     json_path, png_path = write_result(name, record, plot_fidelity(record), args.output_dir)
     print(f"wrote {json_path} and {png_path}")
     return record

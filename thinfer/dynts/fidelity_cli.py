@@ -41,6 +41,12 @@ def add_fidelity_command(commands: Any) -> None:
     p.add_argument("--window", type=int, default=64, help="W for DynTS / the uniform trigger")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--trigger", default="uniform", choices=["native", "uniform"])
+    p.add_argument(
+        "--scoring",
+        default="per_head",
+        choices=["per_head", "shared"],
+        help="H2O/SnapKV/R-KV: keep slots per head (default) or one shared score per token",
+    )
     p.add_argument("--predictor", default=None, help="DynTS head (thinfer dynts train)")
     p.add_argument("--count", type=int, default=16, help="windows, one per file (default 16)")
     p.add_argument("--length", type=int, default=1024, help="tokens per window (default 1024)")

@@ -69,6 +69,12 @@ def add_proxy_eval_command(commands: Any) -> None:
     p.add_argument("--window", type=int, default=64, help="W for DynTS / the uniform trigger")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--trigger", default="native", choices=["native", "uniform"])
+    p.add_argument(
+        "--scoring",
+        default="per_head",
+        choices=["per_head", "shared"],
+        help="H2O/SnapKV/R-KV: keep slots per head (default) or one shared score per token",
+    )
     p.add_argument("--predictor", default=None, help="DynTS head (thinfer dynts train)")
     p.add_argument("--count", type=int, default=40, help="held-out traces (default 40)")
     p.add_argument("--seed", type=int, default=1, help="held-out split seed (default 1)")

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from thinfer.bench.report import write_result  # noqa: E402
+from thinfer.compression.config import scoring_field  # noqa: E402
 from thinfer.dynts.proxy import ANSWER_TOKENS, ProxyProblem, is_correct, make_problems  # noqa: E402
 from thinfer.dynts.traces import think_end_ids  # noqa: E402
 from thinfer.llm import LLM  # noqa: E402
@@ -34,7 +35,14 @@ def method_config(args: argparse.Namespace, method: str, marker: list[int]) -> d
         config.update(window=args.window, ratio=args.ratio)
     if method == "dynts":
         config.update(predictor=args.predictor, think_end_token_ids=tuple(marker))
+    config.update(scoring_field(method, getattr(args, "scoring", "per_head")))
     return config
+
+
+def result_name(prefix: str, args: argparse.Namespace) -> str:
+    """`{prefix}_{trigger}_b{budget}`, with `_shared` under shared scoring."""
+    shared = "_shared" if getattr(args, "scoring", "per_head") == "shared" else ""
+    return f"{prefix}_{args.trigger}_b{args.budget}{shared}"
 
 
 def run_method(llm: LLM, problems: list[ProxyProblem], config: dict | None) -> dict[str, Any]:
@@ -100,10 +108,11 @@ def run_proxy_eval(args: argparse.Namespace) -> dict[str, Any]:
         "window": args.window,
         "ratio": args.ratio,
         "trigger": args.trigger,
+        "scoring": getattr(args, "scoring", "per_head"),
         "predictor": args.predictor,
         "methods": results,
     }
-    name = f"dynts_proxy_accuracy_{args.trigger}_b{args.budget}"
+    name = result_name("dynts_proxy_accuracy", args)
     write_result(name, record, _plot(record), args.output_dir)
     return record
 

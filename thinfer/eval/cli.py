@@ -45,6 +45,12 @@ def add_eval_parser(subparsers: Any) -> None:
         "--ratio", type=float, default=0.3, help="share of older tokens kept (r; default 0.3)"
     )
     ev.add_argument("--trigger", default="native", choices=list(TRIGGERS), help="default native")
+    ev.add_argument(
+        "--scoring",
+        default="per_head",
+        choices=["per_head", "shared"],
+        help="H2O/SnapKV/R-KV: keep slots per head (default) or one shared score per token",
+    )
     ev.add_argument("--predictor", default=None, help="DynTS head (safetensors); dynts needs it")
     ev.add_argument("--think-end", default="</think>", help="marker that ends the thinking (DynTS)")
     add_sampling_args(ev, default_samples=5)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thinfer.compression.config import CompressionConfig, all_method_names
+from thinfer.compression.config import CompressionConfig, all_method_names, scoring_field
 from thinfer.eval.dataset import Problem, load_problems
 from thinfer.eval.generation import generate_with_peaks
 from thinfer.eval.scoring import Grader, score_method
@@ -60,6 +60,7 @@ def compression_for(
         config["predictor"] = args.predictor
         if think_end_ids:
             config["think_end_token_ids"] = list(think_end_ids)
+    config.update(scoring_field(method, getattr(args, "scoring", "per_head")))
     return config
 
 
@@ -245,6 +246,7 @@ def run_eval(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, Any]
             "window": args.window,
             "ratio": args.ratio,
             "trigger": args.trigger,
+            "scoring": getattr(args, "scoring", "per_head"),
             "predictor": args.predictor,
         },
         "prompt_tokens": {
@@ -269,7 +271,8 @@ def run_eval(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, Any]
         ],
         "methods": results,
     }
-    name = f"eval_{safe_name(stem)}_{data['model_name']}"
+    shared = "_shared" if getattr(args, "scoring", "per_head") == "shared" else ""
+    name = f"eval_{safe_name(stem)}_{data['model_name']}{shared}"
     json_path, png_path = write_result(name, data, plot_eval(data), args.output_dir)
     print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     data["json_path"], data["png_path"] = str(json_path), str(png_path)
