@@ -191,7 +191,7 @@ def test_bench_decode_curve_dynts_random_head(tmp_path):
 
 def test_decode_curve_flops_match_the_model():
     from thinfer import LLM
-    from thinfer.bench.decode_curve import linear_flops, linear_params_per_layer, weight_bytes
+    from thinfer.bench.model_cost import linear_flops, linear_params_per_layer, weight_bytes
 
     llm = LLM(model="tiny", load_format="dummy", device="cpu", num_kv_blocks=4)
     cfg = llm.model_config

@@ -21,7 +21,7 @@ if not HAS_CUDA:
 from thinfer.attention.torch_paged import decode_attention  # noqa: E402
 from thinfer.bench import attention_bench, decode_timing, speedup  # noqa: E402
 from thinfer.bench.attention_bench import decode_inputs, moved_bytes  # noqa: E402
-from thinfer.bench.decode_curve import weight_bytes  # noqa: E402
+from thinfer.bench.model_cost import weight_bytes  # noqa: E402
 from thinfer.cli import main  # noqa: E402
 from thinfer.config import ModelConfig  # noqa: E402
 from thinfer.engine import factory as engine_factory  # noqa: E402

@@ -6,7 +6,7 @@ speed is bounded by memory bandwidth. This benchmark measures the device's copy 
 H100 SXM), then decodes `--output-len` tokens after a `--input-len`-token prompt at batch 1
 (prefill excluded, see `thinfer.bench.decode_timing`) and reports:
 
-- bytes per step = all weights (`decode_curve.weight_bytes`) + the K and V of the context the
+- bytes per step = all weights (`model_cost.weight_bytes`) + the K and V of the context the
   step attends (input_len + k slots at decode step k), averaged over the decode steps;
 - achieved bandwidth = bytes of all decode steps / their time;
 - MBU (model bandwidth utilization) = achieved / copy bandwidth;
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from thinfer.bench.decode_curve import weight_bytes
 from thinfer.bench.decode_timing import (
     DecodeTiming,
     DeviceClock,
@@ -35,6 +34,7 @@ from thinfer.bench.decode_timing import (
     time_thinfer,
 )
 from thinfer.bench.hf_peer import llm_device, llm_dtype, load_hf_peer
+from thinfer.bench.model_cost import weight_bytes
 from thinfer.bench.report import model_short_name, write_result
 from thinfer.config import ModelConfig
 

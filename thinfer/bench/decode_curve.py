@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from thinfer.bench.decode_curve_record import (
+    SMOOTH_STEPS,
+    run_record,
+    sig,
+    summarize_runs,
+)
+from thinfer.bench.model_cost import linear_flops, weight_bytes
 from thinfer.bench.prompts import tokenize_bench_prompts
 from thinfer.bench.report import model_short_name, safe_name, write_result
 from thinfer.config import ModelConfig, resolve_dtype
@@ -33,55 +40,9 @@ if TYPE_CHECKING:
     from thinfer.engine.llm_engine import LLMEngine
 
 BLOCK_SIZE = 16
-SMOOTH_STEPS = 64
-CHECKPOINT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 WARMUP_TOKENS = 4
 MEMORY_HEADROOM = 0.9  # of the free memory, for weights + KV; the rest for activations
 RANDOM_HEAD = "random head (seed 0): speed and memory do not depend on its quality"
-SERIES = (
-    "tokens_per_s",
-    "kv_gb",
-    "mean_kv_len",
-    "max_kv_len",
-    "attention_gflops",
-    "gflops",
-    "compression_ms",
-)
-
-
-def linear_params_per_layer(cfg: ModelConfig) -> int:
-    """Weights of one decoder layer's linear layers (q, k, v, o, gate, up, down)."""
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    return cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
-
-
-def linear_flops(cfg: ModelConfig, num_tokens: int, num_sampled: int) -> int:
-    """FLOPs of all decoder linears on `num_tokens` rows plus `lm_head` on `num_sampled` rows."""
-    layers = cfg.num_hidden_layers * linear_params_per_layer(cfg) * num_tokens
-    return 2 * (layers + cfg.hidden_size * cfg.vocab_size * num_sampled)
-
-
-def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """About the bytes of the model's weights in `dtype` (linears, embeddings, norms)."""
-    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    per_layer = linear_params_per_layer(cfg) + 2 * cfg.hidden_size
-    return (cfg.num_hidden_layers * per_layer + embeddings + cfg.hidden_size) * dtype.itemsize
-
-
-def checkpoint_steps(steps: int) -> list[int]:
-    """Decoding steps at 25/50/75/100% of `steps` (the last step included), ascending."""
-    return sorted({max(1, round(steps * f)) for f in CHECKPOINT_FRACTIONS} | {steps})
-
-
-def smoothed_throughput(stats: list[StepStats], step: int, span: int = SMOOTH_STEPS) -> float:
-    """Tokens/s over the `span` decoding steps ending at `step` (1-based; fewer at the start)."""
-    window = stats[max(0, step - span) : step]
-    return sum(s.num_sampled for s in window) / sum(s.seconds for s in window)
-
-
-def _sig(value: float, digits: int = 5) -> float:
-    return float(f"{value:.{digits}g}")
 
 
 def _compression(args: argparse.Namespace, predictor: str | None) -> dict[str, Any]:
@@ -184,67 +145,6 @@ def _generate(
     return decode, other, peak
 
 
-def _run_record(
-    label: str,
-    cfg: ModelConfig,
-    stats: list[StepStats],
-    other: float,
-    config: dict | None,
-    peak_kv_len: int,
-) -> dict[str, Any]:
-    series: dict[str, list[float]] = {name: [] for name in SERIES}
-    for s in stats:
-        lens = list(s.kv_lens.values())
-        attention = s.attention_flops / 1e9
-        series["tokens_per_s"].append(_sig(s.tokens_per_second))
-        series["kv_gb"].append(_sig(s.kv_bytes_in_use / 1e9))
-        series["mean_kv_len"].append(_sig(sum(lens) / len(lens)))
-        series["max_kv_len"].append(max(lens))
-        series["attention_gflops"].append(_sig(attention))
-        series["gflops"].append(
-            _sig(attention + linear_flops(cfg, s.num_tokens, s.num_sampled) / 1e9)
-        )
-        series["compression_ms"].append(_sig(1e3 * s.compression_seconds))
-    seconds = sum(s.seconds for s in stats)
-    return {
-        "label": label,
-        "kv_compression": config,
-        "decode_seconds": round(seconds, 4),
-        "other_seconds": round(other, 4),
-        "tokens_per_s": _sig(sum(s.num_sampled for s in stats) / seconds),
-        "peak_kv_gb": max(series["kv_gb"]),
-        "peak_max_kv_len": peak_kv_len,
-        "compression_ms_mean": _sig(1e3 * sum(s.compression_seconds for s in stats) / len(stats)),
-        "per_step": series,
-    }
-
-
-def _summary(runs: dict[str, dict[str, Any]], raw: dict[str, list[StepStats]]) -> dict[str, Any]:
-    steps = len(raw["full"])
-    points = []
-    for step in checkpoint_steps(steps):
-        point: dict[str, Any] = {"step": step}
-        for key in ("full", "method"):
-            series = runs[key]["per_step"]
-            point[key] = {
-                "tokens_per_s_smoothed": _sig(smoothed_throughput(raw[key], step)),
-                "kv_gb": series["kv_gb"][step - 1],
-                "gflops": series["gflops"][step - 1],
-            }
-        point["ratio"] = {
-            name: _sig(point["method"][name] / point["full"][name], 4) for name in point["full"]
-        }
-        points.append(point)
-    return {
-        "checkpoints": points,
-        "peak_kv_gb": {key: runs[key]["peak_kv_gb"] for key in runs},
-        "tokens_per_s": {key: runs[key]["tokens_per_s"] for key in runs},
-        "tokens_per_s_ratio": _sig(
-            runs["method"]["tokens_per_s"] / runs["full"]["tokens_per_s"], 4
-        ),
-    }
-
-
 def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
     """Run the decode-curve benchmark, print a summary, write JSON + PNG; return the data."""
     from thinfer.bench.decode_curve_plot import plot_decode_curve, print_summary
@@ -293,7 +193,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
             other += stats[-1].seconds
             stats = raw[key] = stats[: args.steps]
             label = "full cache" if config is None else args.method
-            runs[key] = _run_record(label, cfg, stats, other, config, peak)
+            runs[key] = run_record(label, cfg, stats, other, config, peak)
     if note is not None:
         runs["method"]["kv_compression"]["predictor"] = note
     data: dict[str, Any] = {
@@ -312,7 +212,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
         "num_kv_blocks": sizing["num_kv_blocks"],
         "kv_bytes_per_token": cfg.kv_elements_per_token * dtype.itemsize,
         "smoothing_steps": SMOOTH_STEPS,
-        "linear_gflops_per_step": _sig(linear_flops(cfg, args.batch_size, args.batch_size) / 1e9),
+        "linear_gflops_per_step": sig(linear_flops(cfg, args.batch_size, args.batch_size) / 1e9),
         "notes": {
             "step": "per_step[i] is decoding step i+1; the prefill step (first token) and "
             "the final step (sequences finish, KV freed) are timed in other_seconds",
@@ -324,7 +224,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
             "compression_ms": "milliseconds of the step inside compression (select + compact)",
         },
         "runs": runs,
-        "summary": _summary(runs, raw),
+        "summary": summarize_runs(runs, raw),
     }
     name = f"decode_curve_{safe_name(args.method)}_{model_short_name(llm)}_{device.type}"
     print_summary(data)
