@@ -120,6 +120,22 @@ def test_compaction_rejects_bad_plans():
         kv.compact(seq, CompactionPlan(5, torch.zeros(2, 2, 1, dtype=torch.long), empty))
 
 
+def keep_indices(scores: torch.Tensor, count: int, kv_len: int) -> torch.Tensor:
+    """Dense reference of the keep rule, in position order: of the `num_old` oldest entries
+    keep the `count` best (ties: the older; never a -inf one, always every +inf one), plus
+    every later entry. Ascending indices."""
+    num_old = scores.shape[-1]
+    if num_old:
+        keepable = int((scores > float("-inf")).sum(dim=-1).min())
+        forced = int(torch.isposinf(scores).sum(dim=-1).max())
+        count = max(min(count, keepable), forced)
+    count = min(count, num_old)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    chosen = order.sort(dim=-1).values
+    recent = torch.arange(num_old, kv_len, device=scores.device)
+    return torch.cat([chosen, recent.expand(*scores.shape[:-1], -1)], dim=-1)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     n=st.integers(1, 40),
@@ -129,8 +145,7 @@ def test_compaction_rejects_bad_plans():
 def test_slot_order_keep_rule_equals_the_position_order_rule(n, per_head, data):
     """The O(n) keep rule on permuted slots (ties, +inf protection, -inf) keeps exactly what
     the sorted rule keeps, and the plan built from it holds exactly the kept slots."""
-    from thinfer.compression.compaction import keep_indices
-    from thinfer.compression.selection import keep_mask
+    from thinfer.compression.compaction import keep_mask
 
     rows = (2, 3) if per_head else ()
     seed = data.draw(st.integers(0, 2**31))

@@ -71,24 +71,40 @@ def _ranked(mask: torch.Tensor, width: int, fill: torch.Tensor) -> torch.Tensor:
     return out.scatter_(-1, rank, index)[..., :width]
 
 
-def keep_indices(scores: torch.Tensor, count: int, kv_len: int) -> torch.Tensor:
-    """The keep rule every schedule uses, in position order.
+def keep_mask(
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    protected: torch.Tensor,
+    num_recent: int,
+    count: int,
+) -> torch.Tensor:
+    """The keep rule every schedule uses, in O(slots): keep mask [..., n], in the order given.
 
-    `scores` [..., num_old] rate the oldest `num_old` entries; the rest (the recent window)
-    are always kept. Of the old ones keep the `count` best (ties: the older), but never one
-    scored -inf (the count shrinks to what remains) and always every one scored +inf (the
-    count grows to cover them). Returns ascending indices [..., kept + kv_len - num_old].
+    The `num_recent` newest tokens (by position) are kept; of the others, the `count` best
+    by score (at least every +inf one, never a -inf one); ties go to the older token. It
+    evicts the k lowest instead of sorting: the k-th smallest score is a threshold, and among
+    slots scoring exactly that, the newest are evicted first.
     """
-    num_old = scores.shape[-1]
-    if num_old:
-        keepable = int((scores > float("-inf")).sum(dim=-1).min())
-        forced = int(torch.isposinf(scores).sum(dim=-1).max())
-        count = max(min(count, keepable), forced)
-    count = min(count, num_old)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
-    chosen = order.sort(dim=-1).values
-    recent = torch.arange(num_old, kv_len, device=scores.device)
-    return torch.cat([chosen, recent.expand(*scores.shape[:-1], -1)], dim=-1)
+    newest = positions.amax(dim=-1, keepdim=True)
+    recent = positions > newest - num_recent
+    old = ~recent
+    inf = float("inf")
+    key = scores.masked_fill(protected & old, inf).masked_fill(recent, inf)
+    num_old = int(old[(0,) * (old.dim() - 1)].sum())
+    keepable = int(((key > -inf) & old).sum(dim=-1).min())
+    forced = int((torch.isposinf(key) & old).sum(dim=-1).max())
+    evict = num_old - min(max(min(count, keepable), forced), num_old)
+    if evict <= 0:
+        return torch.ones_like(old)
+    threshold = torch.kthvalue(key.float(), evict, dim=-1, keepdim=True).values
+    below = key < threshold
+    need = evict - below.sum(dim=-1, keepdim=True)  # >= 1: taken from the ties
+    tied = key == threshold
+    most = int(need.max())
+    newest_tied = torch.topk(torch.where(tied, positions, -1), most, dim=-1).indices
+    chosen = torch.arange(most, device=key.device) < need
+    picked = torch.zeros_like(tied).scatter_(-1, newest_tied, chosen)
+    return ~(below | (picked & tied))
 
 
 def plan_in_order(keep: torch.Tensor, new_len: int) -> CompactionPlan:

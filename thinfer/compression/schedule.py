@@ -1,6 +1,6 @@
 """Schedules: when a sequence compresses, and how many slots it keeps.
 
-Both schedules end in the same keep rule (`thinfer.compression.compaction.keep_indices`):
+Both schedules end in the same keep rule (`thinfer.compression.compaction.keep_mask`):
 keep the `recent` newest slots and the best `older` of the rest by the method's score.
 
 - "native": each method's own trigger and interval (`Method.native_rule`): every step once

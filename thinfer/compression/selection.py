@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from thinfer.compression.compaction import keep_indices
+from thinfer.compression.compaction import keep_mask
 from thinfer.compression.config import CompressionConfig
 from thinfer.compression.method import RuleContext, ScoreContext
 from thinfer.compression.schedule import decide
@@ -78,19 +78,22 @@ def select_slots(
         scores = _shared(config, config.params.score(context(None, 0)))
         keep = keep_mask(scores, state.positions, state.protected, num_recent, count)
         return keep, view.kv_len - _num_evicted(keep)
+    # Methods that look at neighbours (pooling, causal windows) score in position order; the
+    # same keep rule then runs there, and its mask is scattered back to slot order.
     order = torch.sort(state.positions, dim=-1, stable=True).indices
     ctx = context(order, num_recent)
-    if ctx.num_old:
-        scores = _shared(config, config.params.score(ctx))
-    else:
-        scores = order.new_zeros(0).float()
-    if scores.dim() < order.dim():
-        scores = scores.expand(*order.shape[:-1], -1)
-    protected = state.protected.gather(-1, order)[..., : ctx.num_old]
-    scores = scores.masked_fill(protected, float("inf"))
-    kept = order.gather(-1, keep_indices(scores, count, view.kv_len))
-    keep = torch.zeros_like(state.protected).scatter_(-1, kept, True)
-    return keep, kept.shape[-1]
+    scores = _shared(config, config.params.score(ctx)) if ctx.num_old else ctx.positions.float()
+    scores = scores.expand(*order.shape[:-1], -1)  # [..., num_old]; shared scores broadcast
+    recent = scores.new_zeros(*order.shape[:-1], num_recent)  # never evicted by the rule
+    ordered = keep_mask(
+        torch.cat([scores[..., : ctx.num_old], recent], dim=-1),
+        ctx.positions,
+        state.protected.gather(-1, order),
+        num_recent,
+        count,
+    )
+    keep = torch.zeros_like(ordered).scatter_(-1, order, ordered)
+    return keep, view.kv_len - _num_evicted(keep)
 
 
 def _shared(config: CompressionConfig, scores: torch.Tensor) -> torch.Tensor:
@@ -103,42 +106,6 @@ def _shared(config: CompressionConfig, scores: torch.Tensor) -> torch.Tensor:
 
 def _num_evicted(keep: torch.Tensor) -> int:
     return int((~keep[(0,) * (keep.dim() - 1)]).sum())
-
-
-def keep_mask(
-    scores: torch.Tensor,
-    positions: torch.Tensor,
-    protected: torch.Tensor,
-    num_recent: int,
-    count: int,
-) -> torch.Tensor:
-    """The keep rule of `keep_indices`, in slot order and O(slots): keep mask [..., n].
-
-    The `num_recent` newest tokens (by position) are kept; of the others, the `count` best
-    by score (at least every +inf one, never a -inf one); ties go to the older token. It
-    evicts the k lowest instead of sorting: the k-th smallest score is a threshold, and among
-    slots scoring exactly that, the newest are evicted first.
-    """
-    newest = positions.amax(dim=-1, keepdim=True)
-    recent = positions > newest - num_recent
-    old = ~recent
-    inf = float("inf")
-    key = scores.masked_fill(protected & old, inf).masked_fill(recent, inf)
-    num_old = int(old[(0,) * (old.dim() - 1)].sum())
-    keepable = int(((key > -inf) & old).sum(dim=-1).min())
-    forced = int((torch.isposinf(key) & old).sum(dim=-1).max())
-    evict = num_old - min(max(min(count, keepable), forced), num_old)
-    if evict <= 0:
-        return torch.ones_like(old)
-    threshold = torch.kthvalue(key.float(), evict, dim=-1, keepdim=True).values
-    below = key < threshold
-    need = evict - below.sum(dim=-1, keepdim=True)  # >= 1: taken from the ties
-    tied = key == threshold
-    most = int(need.max())
-    newest_tied = torch.topk(torch.where(tied, positions, -1), most, dim=-1).indices
-    chosen = torch.arange(most, device=key.device) < need
-    picked = torch.zeros_like(tied).scatter_(-1, newest_tied, chosen)
-    return ~(below | (picked & tied))
 
 
 def _ordered_keys(

@@ -63,17 +63,14 @@ class CompressionStage:
         self.kv_cache = kv_cache
         self.rotary = rotary
         self.prepare_context = prepare_context
-        self._resources: dict[tuple[str, Any], Any] = {}
         self.seconds = 0.0  # time inside `compress` (select + compact) since the last reset
 
     # ----- admission ----------------------------------------------------------------------
     def resources(self, config: CompressionConfig) -> Any:
-        """Load (once per method and file) what the config's method needs; raises
-        ValueError for a bad file, so the request fails at admission."""
-        key = (config.method, config.params.batch_key())
-        if key not in self._resources:
-            self._resources[key] = config.params.prepare(self.prepare_context)
-        return self._resources[key]
+        """What the config's method needs (its `prepare`; DynTS heads are cached per file by
+        `load_predictor`); raises ValueError for a bad file, so the request fails at
+        admission."""
+        return config.params.prepare(self.prepare_context)
 
     def attach(self, seq: Sequence, config: CompressionConfig | None) -> None:
         """Give `seq` its compression state (nothing for the full cache)."""
