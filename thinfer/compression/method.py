@@ -41,11 +41,6 @@ class Signals:
     hidden_states: bool = False
     keys: bool = False
 
-    @property
-    def any_attention(self) -> bool:
-        """True when the step's attention must record something for this method."""
-        return self.column_sums or self.query_window > 0
-
 
 @dataclass
 class ScoreContext:
@@ -125,10 +120,6 @@ class Method:
         methods, [layers, kv_heads, num_old]. A slot scored -inf is never kept (the count
         shrinks), +inf always (the count grows), and ties go to the older slot."""
         raise NotImplementedError(f"{self.name} does not define score")
-
-    def initial_values(self, name: str, positions: torch.Tensor) -> torch.Tensor:
-        """Value of per-slot state `name` for new slots at `positions` (0 by default)."""
-        return torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
 
     def answer_start(self, output_tokens: list[int], checked: int) -> int | None:
         """Index into `output_tokens` from which every token is kept for good (an answer
