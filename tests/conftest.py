@@ -21,9 +21,23 @@ from thinfer.loading.checkpoint import default_model_path  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def require_default_model() -> None:
+    """Inside `thinfer bench gpu-check` (THINFER_GPU_CHECK=1) on a machine without the default
+    model (the GPU machine cannot receive its 98 MB GGUF), skip; everywhere else a missing
+    model is an error, as it must be in CI."""
+    if os.environ.get("THINFER_GPU_CHECK") != "1":
+        return
+    try:
+        default_model_path()
+        import gguf  # noqa: F401
+    except (ValueError, ImportError) as exc:
+        pytest.skip(f"default model not loadable on this machine: {exc}")
+
+
 @pytest.fixture(scope="session")
 def llm() -> LLM:
     """The default model with a roomy cache."""
+    require_default_model()
     return LLM(dtype="float32", device="cpu", num_kv_blocks=2048)
 
 
@@ -31,6 +45,7 @@ def llm() -> LLM:
 def hf_model() -> torch.nn.Module:
     """HF transformers on the same GGUF file: the correctness oracle."""
     transformers = pytest.importorskip("transformers")
+    require_default_model()
     path = default_model_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32

@@ -262,5 +262,7 @@ def add_bench_parser(subparsers: Any) -> None:
     _add_stream(kinds)
     _add_gpu_benches(kinds)
     from thinfer.bench.compaction import add_parser as add_compaction
+    from thinfer.bench.gpu_check import add_parser as add_gpu_check
 
     add_compaction(kinds)
+    add_gpu_check(kinds)

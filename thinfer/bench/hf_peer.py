@@ -73,7 +73,8 @@ def load_hf_peer(llm: LLM, load_format: str = "auto") -> PreTrainedModel:
     try:
         if load_format == "dummy" or not os.path.exists(source):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(hf_config(llm.model_config), dtype=dtype)
+            with torch.device(device):  # drawn where it runs: a 7B CPU init takes minutes
+                model = AutoModelForCausalLM.from_config(hf_config(llm.model_config), dtype=dtype)
         elif os.path.isfile(source) and source.lower().endswith(".gguf"):
             folder, name = os.path.split(os.path.abspath(source))
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)

@@ -83,27 +83,45 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[int]]:
 
 
 def run_speedup(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the speedup grid, print a table, write JSON + PNG; return the results."""
+    """Run the speedup grid, print a table, write JSON + PNG; return the results.
+
+    The JSON and PNG are rewritten after every cell ("complete": false until the last), so a
+    run stopped early (a time budget, an OOM kill) still leaves the cells it measured."""
     lens, sizes = _validate(args)
     llm, extended_from = build_bench_llm(args, max(lens) + args.output_len)
     device = llm_device(llm)
     peer = load_hf_peer(llm, args.load_format)
     print(f"{llm.source}: decode {args.output_len} tokens, thinfer vs HF", flush=True)
-    cells = []
+    name = f"speedup_{model_short_name(llm)}_{device.type}"
+    cells: list[dict[str, Any]] = []
     for input_len in lens:
         for batch in sizes:
             cells.append(_cell(llm, peer, input_len, batch, args.output_len))
             print_speedup_row(cells[-1])
+            data = speedup_record(llm, args, extended_from, cells)
+            json_path, png_path = write_result(name, data, plot_speedup(data), args.output_dir)
+    print(f"wrote {json_path} and {png_path}")
+    return data
+
+
+def speedup_record(
+    llm: LLM, args: argparse.Namespace, extended_from: int | None, cells: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The JSON record of the cells measured so far (the grid is `complete` when all are)."""
+    lens = list(dict.fromkeys(c["input_len"] for c in cells))
+    sizes = list(dict.fromkeys(c["batch_size"] for c in cells))
     speedups = [c["speedup"] for c in cells if c["speedup"] is not None]
-    data: dict[str, Any] = {
+    grid_lens, grid_sizes = _validate(args)
+    return {
         "benchmark": "speedup",
         "model": llm.source,
         "load_format": args.load_format,
-        "device": str(device),
+        "device": str(llm_device(llm)),
         "dtype": str(llm_dtype(llm)).removeprefix("torch."),
         "input_lens": lens,
         "batch_sizes": sizes,
         "output_len": args.output_len,
+        "complete": len(cells) == len(grid_lens) * len(grid_sizes),
         "context_extended_from": extended_from,
         "max_model_len": llm.max_model_len,
         "notes": {
@@ -123,10 +141,6 @@ def run_speedup(args: argparse.Namespace) -> dict[str, Any]:
         "max_speedup": max(speedups, default=None),
         "oom_cells": sum(c["speedup"] is None for c in cells),
     }
-    name = f"speedup_{model_short_name(llm)}_{device.type}"
-    json_path, png_path = write_result(name, data, plot_speedup(data), args.output_dir)
-    print(f"wrote {json_path} and {png_path}")
-    return data
 
 
 def _rate(result: dict[str, Any]) -> str:
@@ -150,7 +164,7 @@ def plot_speedup(data: dict[str, Any]) -> Figure:
     grid = np.full((len(lens), len(sizes)), np.nan)
     for row, n in enumerate(lens):
         for col, b in enumerate(sizes):
-            if by_key[(n, b)]["speedup"] is not None:
+            if (n, b) in by_key and by_key[(n, b)]["speedup"] is not None:
                 grid[row, col] = by_key[(n, b)]["speedup"]
     fig = Figure(figsize=(1.9 * len(sizes) + 2.6, 1.1 * len(lens) + 1.8))
     ax = fig.add_subplot(1, 1, 1)
@@ -159,6 +173,8 @@ def plot_speedup(data: dict[str, Any]) -> Figure:
     fig.colorbar(image, ax=ax, label="decode speedup, thinfer / HF")
     for row, n in enumerate(lens):
         for col, b in enumerate(sizes):
+            if (n, b) not in by_key:
+                continue  # not measured (yet)
             cell = by_key[(n, b)]
             text = f"{cell['label']}\n{_rate(cell['thinfer'])} / {_rate(cell['hf'])}"
             ax.text(

@@ -181,15 +181,24 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights (std 0.02, unit norms) for benchmarks without a checkpoint."""
+        """Random weights (std 0.02, unit norms) for benchmarks without a checkpoint.
+
+        They are drawn on the weights' device (a 7B model's 27 GB of fp32 draws would take
+        minutes on the CPU), so the same seed gives other values on a GPU than on the CPU.
+        """
         unpack_linears(self)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        generators: dict[torch.device, torch.Generator] = {}
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.data.fill_(1.0)
-            else:
-                values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
-                param.data.copy_(values.to(param.dtype))
+                continue
+            device = param.device
+            if device not in generators:
+                generators[device] = torch.Generator(device=device).manual_seed(seed)
+            values = torch.randn(
+                param.shape, generator=generators[device], dtype=torch.float32, device=device
+            )
+            param.data.copy_(values.mul_(0.02).to(param.dtype))
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into (fused) parameters; every parameter must be covered."""

@@ -1,0 +1,144 @@
+"""The stages of `thinfer bench gpu-check`, in order of value, and the targets they are judged
+against.
+
+A stage is a command run in its own process with a time cap; its result is the JSON file it
+writes (`result_glob` in the stage's output folder). `--dry-run` gives every stage tiny CPU
+shapes (Triton through its interpreter) and the same result keys, so the test suite runs the
+whole check between the rare GPU runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+# Test files whose tests run on the GPU when there is one (kernels against their torch
+# references, CUDA graphs, the fused model, the GPU benchmarks at real shapes).
+GPU_TEST_FILES = (
+    "tests/test_kernels_attention.py",
+    "tests/test_kernels_fused.py",
+    "tests/test_fused_model.py",
+    "tests/test_fused_ops_switch.py",
+    "tests/test_decode_graphs.py",
+    "tests/test_attention_plans.py",
+    "tests/test_bench_gpu_path.py",
+)
+
+
+STAGE_NAMES = (
+    "env",
+    "correctness",
+    "bandwidth",
+    "decode_attention",
+    "speedup",
+    "decode_curve",
+    "tests",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the check: `argv` runs it, `cap_s` bounds it, `result_glob` (in the output
+    folder) names the JSON it writes; `min_s` is the least time worth starting it with."""
+
+    name: str
+    argv: list[str]
+    cap_s: float
+    min_s: float
+    result_glob: str | None
+
+
+def _bench(kind: str, out: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "thinfer", "bench", kind, "--output-dir", out, *args]
+
+
+def build_stages(out: str, dry_run: bool) -> list[Stage]:
+    """The check's stages writing into folder `out`: GPU shapes, or tiny CPU ones."""
+    py = sys.executable
+    probe = [py, "-m", "thinfer.bench.gpu_probe"]
+    if dry_run:
+        model = ["--model", "tiny", "--load-format", "dummy", "--device", "cpu"]
+        model += ["--dtype", "float32", "--threads", "2"]
+        curve_model = model
+        bandwidth = ["--input-len", "16", "--output-len", "8", "--copy-mib", "16", "--repeats", "3"]
+        attention = ["--context-lens", "64,256", "--heads", "4", "--kv-heads", "2"]
+        attention += ["--head-dim", "32", "--iters", "2", "--warmup", "1", "--backend", "triton"]
+        speedup = ["--input-lens", "16,64", "--batch-sizes", "1,2", "--output-len", "4"]
+        curve = ["--batch-size", "2", "--steps", "48", "--budget", "40", "--window", "8"]
+        tests = ["-k", "test_gpu_"]  # they skip on the CPU: the outcome parse still runs
+    else:
+        model = ["--model", "llama-2-7b", "--load-format", "dummy", "--dtype", "bfloat16"]
+        curve_model = ["--model", "llama-3-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
+        bandwidth = ["--input-len", "128", "--output-len", "256"]
+        attention = []
+        speedup = ["--input-lens", "128,1024,8192,32768", "--batch-sizes", "1,8"]
+        speedup += ["--output-len", "32"]
+        curve = ["--batch-size", "8", "--steps", "1536", "--budget", "512", "--window", "128"]
+        tests = []
+    pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *tests]
+    return [
+        Stage(
+            "env",
+            [*probe, "env", "--out", f"{out}/env.json"] + ["--dry-run"] * dry_run,
+            60,
+            10,
+            "env.json",
+        ),
+        Stage(
+            "correctness",
+            [*probe, "correctness", "--out", f"{out}/correctness.json"] + ["--dry-run"] * dry_run,
+            120,
+            30,
+            "correctness.json",
+        ),
+        Stage(
+            "bandwidth", _bench("bandwidth", out, *model, *bandwidth), 120, 40, "bandwidth_*.json"
+        ),
+        Stage(
+            "decode_attention",
+            _bench("decode-attention", out, *attention),
+            60,
+            15,
+            "decode_attention_*.json",
+        ),
+        Stage("speedup", _bench("speedup", out, *model, *speedup), 150, 60, "speedup_*.json"),
+        Stage(
+            "decode_curve",
+            _bench("decode-curve", out, *curve_model, *curve),
+            120,
+            40,
+            "decode_curve_*.json",
+        ),
+        Stage("tests", [*pytest, *GPU_TEST_FILES], 150, 30, None),
+    ]
+
+
+def _target(value: float | None, goal: float, what: str) -> dict[str, Any]:
+    met = None if value is None else value >= goal
+    return {"what": what, "value": value, "goal": goal, "met": met}
+
+
+def judge_targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Issue 14's targets from the stages' results (value None where a stage gave none)."""
+    bandwidth = results.get("bandwidth") or {}
+    mbu = (bandwidth.get("thinfer") or {}).get("mbu")
+    attention = (results.get("decode_attention") or {}).get("results") or []
+    long = [r["ratio"] for r in attention if r["context_len"] >= 8192]
+    speedup = (results.get("speedup") or {}).get("min_speedup")
+    correctness = results.get("correctness") or {}
+    graphs = (correctness.get("cuda_graphs_vs_eager") or {}).get("bitwise_equal")
+    agreement = (correctness.get("triton_vs_torch") or {}).get("tokens_agreeing_before_divergence")
+    return {
+        "batch1_mbu": _target(mbu, 0.85, "batch-1 decode MBU of Llama-2-7B bf16"),
+        "speedup_vs_hf": _target(speedup, 5.0, "least decode speedup over HF in the grid"),
+        "paged_vs_sdpa_8k": _target(
+            min(long) if long else None, 0.9, "paged decode attention / SDPA bandwidth, >= 8k"
+        ),
+        "cuda_graphs_bitwise": _target(
+            None if graphs is None else float(graphs), 1.0, "CUDA graphs on == off, bitwise"
+        ),
+        "triton_tokens_agree": _target(
+            agreement, 0.9, "greedy tokens of the Triton backend agreeing with torch's"
+        ),
+    }
