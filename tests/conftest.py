@@ -15,23 +15,12 @@ if not torch.cuda.is_available():
     # decorates, so it must be set before any kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from default_model import require_default_model  # noqa: E402
+
 from thinfer import LLM  # noqa: E402
 from thinfer.loading.checkpoint import default_model_path  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def require_default_model() -> None:
-    """Inside `thinfer bench gpu-check` (THINFER_GPU_CHECK=1) on a machine without the default
-    model (the GPU machine cannot receive its 98 MB GGUF), skip; everywhere else a missing
-    model is an error, as it must be in CI."""
-    if os.environ.get("THINFER_GPU_CHECK") != "1":
-        return
-    try:
-        default_model_path()
-        import gguf  # noqa: F401
-    except (ValueError, ImportError) as exc:
-        pytest.skip(f"default model not loadable on this machine: {exc}")
 
 
 @pytest.fixture(scope="session")

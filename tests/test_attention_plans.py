@@ -119,7 +119,7 @@ def test_triton_prefill_layout_is_the_backends_plan():
 def test_cuda_graphs_follow_the_backend_capability():
     cuda = torch.device("cuda")
     assert not TORCH_BACKEND.supports_cuda_graphs
-    assert select_backend("triton", torch.device("cpu")).supports_cuda_graphs  # interpreted
+    assert select_backend("triton", cuda).supports_cuda_graphs
     capable = AttentionBackend(
         "custom", torch_paged.store_kv, torch_paged.paged_attention, supports_cuda_graphs=True
     )

@@ -13,6 +13,7 @@ import argparse
 import pytest
 import torch
 from conftest import with_engine
+from default_model import require_default_model
 from test_fused_model import HALF_LOGITS_REL, assert_rows_close, record_logits
 
 from thinfer import LLM, SamplingParams
@@ -33,6 +34,7 @@ MAX_NUM_SEQS = 8
 def triton_llm() -> LLM:
     """SmolLM2 in fp32 with the triton backend; a short context keeps the static block
     tables (and the interpreted decode grid) small."""
+    require_default_model()
     return LLM(
         dtype="float32",
         device=str(DEVICE),

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import with_engine
+from default_model import require_default_model
 
 from thinfer import LLM, SamplingParams
 from thinfer.attention.backend import TORCH_BACKEND
@@ -33,6 +34,7 @@ HALF_LOGITS_REL = {"bf16": 3e-2, "fp16": 1e-2}
 @pytest.fixture(scope="module")
 def triton_llm() -> LLM:
     """SmolLM2 in fp32 with the triton backend (fused ops), a short context."""
+    require_default_model()
     return LLM(
         dtype="float32",
         device=str(DEVICE),

@@ -161,6 +161,14 @@ def _measure(
         median = seconds[len(seconds) // 2]
         result[name] = {"median_seconds": median, "tb_per_s": num_bytes / median / 1e12}
     result["ratio"] = result["paged"]["tb_per_s"] / result["sdpa"]["tb_per_s"]
+    if args.sweep_split_tokens:
+        from thinfer.bench.split_sweep import best_setting, sweep_launch_settings
+
+        splits = parse_positive_ints(args.sweep_split_tokens, "--sweep-split-tokens")
+        warps = parse_positive_ints(args.sweep_num_warps, "--sweep-num-warps")
+        timing = (args.iters, args.warmup, flush)
+        result["sweep"] = sweep_launch_settings(x, scale, splits, warps, num_bytes, timing)
+        result["sweep_best"] = best_setting(result["sweep"])
     result["max_abs_error"] = error
     result["max_abs_output"] = largest
     result["matches_sdpa"] = error <= RELATIVE_TOLERANCE.get(dtype, 2e-2) * largest
@@ -176,6 +184,8 @@ def run_decode_attention(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "auto" and device.type != "cuda":
         backend = "torch"
     paged = paged_backend(backend, device)
+    if args.sweep_split_tokens and backend != "triton":
+        raise ValueError("--sweep-split-tokens sweeps the Triton kernel: use --backend triton")
     dtype_name = str(dtype).removeprefix("torch.")
     print(
         f"decode attention, {backend} paged vs SDPA contiguous: batch {args.batch_size}, "

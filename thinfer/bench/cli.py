@@ -166,6 +166,14 @@ def _add_gpu_benches(kinds: Any) -> None:
         help="paged attention: the Triton kernel or the torch reference (auto: triton on "
         "CUDA, torch on CPU; triton on CPU needs TRITON_INTERPRET=1)",
     )
+    da.add_argument(
+        "--sweep-split-tokens",
+        default=None,
+        help="also time the Triton kernel at these chunk sizes (comma-separated multiples of 16)",
+    )
+    da.add_argument(
+        "--sweep-num-warps", default="4", help="warps per program in the sweep (default 4)"
+    )
     da.add_argument("--iters", type=int, default=50, help="timed calls per measurement")
     da.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     da.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -87,7 +87,7 @@ def _sizing(args: argparse.Namespace, cfg: ModelConfig, prompt_len: int) -> dict
     max_model_len = args.max_model_len or tokens
     if max_model_len < tokens:
         raise ValueError(f"--max-model-len {max_model_len} < the {tokens} tokens a sequence needs")
-    blocks = args.batch_size * -(-tokens // BLOCK_SIZE)
+    blocks = args.batch_size * -(-tokens // BLOCK_SIZE) + 1  # + CUDA graphs' scratch block
     num_kv_blocks = args.num_kv_blocks or blocks
     if num_kv_blocks < blocks:
         raise ValueError(f"--num-kv-blocks {num_kv_blocks} < the {blocks} the full cache needs")

@@ -128,9 +128,15 @@ def _hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return fields
 
 
+# The KV cache an idle bench engine keeps between cells: one block, plus the one CUDA graphs
+# reserve as scratch for padded rows.
+IDLE_KV_BLOCKS = 2
+
+
 def build_bench_llm(args: argparse.Namespace, tokens_per_seq: int) -> tuple[LLM, int | None]:
-    """The LLM of `args` with a 1-block KV cache (cells size their own) and a context of at
-    least `tokens_per_seq`; (llm, the original context when it had to be extended, else None).
+    """The LLM of `args` with an idle KV cache (`IDLE_KV_BLOCKS`; cells size their own) and a
+    context of at least `tokens_per_seq`; (llm, the original context when it had to be
+    extended, else None).
 
     Only dummy weights may be extended; `llm.source` keeps naming the original model.
     """
@@ -138,7 +144,11 @@ def build_bench_llm(args: argparse.Namespace, tokens_per_seq: int) -> tuple[LLM,
     from thinfer.llm import LLM
     from thinfer.loading import load_checkpoint
 
-    kwargs = llm_kwargs(args) | {"num_kv_blocks": 1, "max_num_seqs": 1, "max_model_len": None}
+    kwargs = llm_kwargs(args) | {
+        "num_kv_blocks": IDLE_KV_BLOCKS,
+        "max_num_seqs": 1,
+        "max_model_len": None,
+    }
     checkpoint = load_checkpoint(args.model, args.load_format)
     context = checkpoint.config.max_position_embeddings
     if tokens_per_seq <= context:
@@ -168,7 +178,7 @@ def free_device_memory(device: torch.device) -> None:
 def resize_kv_cache(llm: LLM, num_seqs: int = 0, tokens_per_seq: int = 0) -> None:
     """Give `llm` a fresh engine whose KV cache holds `num_seqs` x `tokens_per_seq` tokens
     (one block when 0), all prefilled in one step. The old cache is freed first; if the new
-    one does not fit (OutOfMemoryError), `llm` is left with a working 1-block engine."""
+    one does not fit (OutOfMemoryError), `llm` is left with a working idle engine."""
     device = llm_device(llm)
 
     def install(num_blocks: int, seqs: int, batched: int) -> None:
@@ -183,7 +193,7 @@ def resize_kv_cache(llm: LLM, num_seqs: int = 0, tokens_per_seq: int = 0) -> Non
         llm.engine = build_engine(llm.loaded, config, kv_compression=compression)
 
     block_size = llm.engine.config.block_size
-    install(1, 1, block_size)
+    install(IDLE_KV_BLOCKS, 1, block_size)
     free_device_memory(device)
     if num_seqs:
         blocks = num_seqs * (-(-tokens_per_seq // block_size) + 1)

@@ -95,43 +95,82 @@ def _greedy(llm: Any, prompts: list[list[int]], steps: int) -> list[tuple[list[i
     return runs
 
 
+def _forced(llm: Any, prompts: list[list[int]], tokens: list[list[int]]) -> list[list[float]]:
+    """The log-probability `llm` gives each of `tokens` (teacher-forced continuations)."""
+    from thinfer import SamplingParams
+
+    outs = llm.generate(
+        prompts,
+        [
+            SamplingParams(temperature=0.0, max_tokens=len(t), ignore_eos=True, forced_tokens=t)
+            for t in tokens
+        ],
+    )
+    return [[float(v) for v in out.outputs[0].forced_logprobs] for out in outs]
+
+
 def compare_runs(
     expected: list[tuple[list[int], list[float]]], actual: list[tuple[list[int], list[float]]]
 ) -> dict[str, Any]:
-    """Token agreement up to each sequence's first divergence, the largest log-probability
-    difference over those agreeing positions, and whether both runs are bitwise equal."""
-    same_prefix, total, max_diff = 0, 0, 0.0
-    for (tokens_a, logp_a), (tokens_b, logp_b) in zip(expected, actual, strict=True):
+    """Greedy runs compared: the share of tokens before each sequence's first divergence,
+    and whether both are bitwise equal (tokens and log-probabilities)."""
+    same_prefix, total = 0, 0
+    for (tokens_a, _), (tokens_b, _) in zip(expected, actual, strict=True):
         total += len(tokens_a)
         agree = 0
         while agree < min(len(tokens_a), len(tokens_b)) and tokens_a[agree] == tokens_b[agree]:
             agree += 1
         same_prefix += agree
-        # the chosen token's log-probability at a position is comparable until one run
-        # picked another token there (the position after a divergence sees other inputs)
-        compared = min(agree + 1, len(logp_a), len(logp_b))
-        for k in range(compared):
-            max_diff = max(max_diff, abs(logp_a[k] - logp_b[k]))
     return {
         "tokens_agreeing_before_divergence": same_prefix / total if total else 1.0,
-        "logprob_max_abs_diff": max_diff,
         "bitwise_equal": expected == actual,
     }
 
 
+def logprob_error(reference: list[list[float]], forced: list[list[float]]) -> dict[str, float]:
+    """Max and mean |difference| of teacher-forced log-probabilities against the reference's."""
+    diffs = [
+        abs(a - b) for ref, got in zip(reference, forced, strict=True) for a, b in zip(ref, got)
+    ]
+    return {
+        "max_abs_diff": max(diffs, default=0.0),
+        "mean_abs_diff": sum(diffs) / max(len(diffs), 1),
+    }
+
+
+def _reference_model(model: str, dtype: torch.dtype, device: str) -> Any:
+    """`model`'s dummy weights in fp32, rounded to `dtype`: the same weights as the `dtype`
+    model, computed in fp32 (the reference both backends are measured against)."""
+    from thinfer.engine.factory import load_model
+
+    loaded = load_model(model, dtype=torch.float32, device=device, load_format="dummy")
+    with torch.no_grad():
+        for param in loaded.net.parameters():
+            param.copy_(param.to(dtype).float())
+    return loaded
+
+
 def probe_correctness(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
-    """The Triton backend (fused ops) against the torch backend on the same dummy weights,
-    greedy; then CUDA graphs on against off, which must agree bitwise."""
+    """The Triton backend (fused ops) and the torch backend, both in the test dtype, against
+    the same weights computed in fp32 by the torch backend: greedy agreement, and the
+    teacher-forced log-probabilities of the fp32 tokens. Then CUDA graphs on against off,
+    which must agree bitwise."""
     from thinfer import LLM
     from thinfer.bench.decode_timing import synthetic_prompts
     from thinfer.engine.factory import load_model
 
     device = "cpu" if dry_run else "cuda"
-    dtype = "float32" if dry_run else "bfloat16"
-    loaded = load_model(model, dtype=dtype, device=device, load_format="dummy")
-    prompts = synthetic_prompts(loaded.config.vocab_size, 4, 16 if dry_run else 200)
+    dtype = torch.float16 if dry_run else torch.bfloat16
     common = {"num_kv_blocks": 256, "max_num_seqs": 4}
-    runs = {}
+    reference = _reference_model(model, dtype, device)
+    prompts = synthetic_prompts(reference.config.vocab_size, 4, 16 if dry_run else 200)
+    ref_llm = LLM(reference, attention_backend="torch", cuda_graphs=False, **common)
+    ref_runs = _greedy(ref_llm, prompts, steps)
+    del ref_llm, reference
+    ref_tokens = [tokens for tokens, _ in ref_runs]
+    ref_logprobs = [logprobs for _, logprobs in ref_runs]
+    loaded = load_model(model, dtype=dtype, device=device, load_format="dummy")
+    runs, forced = {}, {}
     for name, backend, graphs in (
         ("torch", "torch", False),
         ("triton", "triton", False),
@@ -139,17 +178,22 @@ def probe_correctness(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
     ):
         llm = LLM(loaded, attention_backend=backend, cuda_graphs=graphs, **common)
         runs[name] = _greedy(llm, prompts, steps)
+        if name != "triton_cuda_graphs":
+            forced[name] = logprob_error(ref_logprobs, _forced(llm, prompts, ref_tokens))
         del llm
-    graphs_apply = not dry_run
+    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "model": model,
         "device": device,
-        "dtype": dtype,
+        "dtype": dtype_name,
+        "reference": f"torch backend in float32 on the {dtype_name} weights",
         "prompts": len(prompts),
         "prompt_len": len(prompts[0]),
         "steps": steps,
+        "torch_vs_reference": compare_runs(ref_runs, runs["torch"]) | forced["torch"],
+        "triton_vs_reference": compare_runs(ref_runs, runs["triton"]) | forced["triton"],
         "triton_vs_torch": compare_runs(runs["torch"], runs["triton"]),
-        "cuda_graphs_apply": graphs_apply,
+        "cuda_graphs_apply": not dry_run,
         "cuda_graphs_vs_eager": compare_runs(runs["triton"], runs["triton_cuda_graphs"]),
     }
 

@@ -32,6 +32,8 @@ from thinfer.kernels.store_kv import check_paged_cache, load_kv_tile
 # Keys per chunk of stage 1. A fixed size (not a fixed number of chunks) keeps every sequence's
 # reduction order independent of the batch. A multiple of the usual block sizes (16, 32).
 DECODE_SPLIT_TOKENS = 512
+# Warps per stage-1 program (a launch setting: the numbers do not depend on it).
+DECODE_NUM_WARPS = 4
 # phi, in units of the scaled logits: typical largest logits of Llama-family heads lie within
 # the safe window around 0, so the unified path is the common one.
 DEFAULT_SOFTMAX_OFFSET = 0.0
@@ -192,6 +194,7 @@ def decode_split_partials(
     scale: float,
     split_tokens: int = DECODE_SPLIT_TOKENS,
     softmax_offset: float = DEFAULT_SOFTMAX_OFFSET,
+    num_warps: int = DECODE_NUM_WARPS,
 ) -> DecodePartials:
     """Stage 1 of `paged_decode_attention`: the partial softmax of every chunk."""
     check_paged_cache(k_cache, v_cache)
@@ -230,7 +233,7 @@ def decode_split_partials(
         SPLIT_TOKENS=split_tokens,
         SAFE_LOW=low,
         SAFE_HIGH=high,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return DecodePartials(acc, sums, maxima)
 
@@ -244,6 +247,7 @@ def paged_decode_attention(
     scale: float,
     split_tokens: int = DECODE_SPLIT_TOKENS,
     softmax_offset: float = DEFAULT_SOFTMAX_OFFSET,
+    num_warps: int = DECODE_NUM_WARPS,
 ) -> torch.Tensor:
     """Decode attention of q [B, Hq, D] over the paged cache [blocks, block_size, Hkv, D]:
     sequence b attends to its first context_lens[b] (>= 1) slots through block_tables[b].
@@ -253,6 +257,14 @@ def paged_decode_attention(
     past a sequence's context are written empty and never read.
     """
     partials = decode_split_partials(
-        q, k_cache, v_cache, block_tables, context_lens, scale, split_tokens, softmax_offset
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        scale,
+        split_tokens,
+        softmax_offset,
+        num_warps,
     )
     return combine_decode_partials(partials, context_lens, split_tokens, q.dtype)
