@@ -29,7 +29,8 @@ from thinfer.engine import factory as engine_factory  # noqa: E402
 from thinfer.loading.dummy import PRESETS, preset_config  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GPU run at real shapes needs CUDA")
-TINY = ["--model", "tiny", "--load-format", "dummy", "--threads", "1"]
+# The CPU path at fp32, also on a GPU machine (the GPU runs at real shapes are separate).
+TINY = ["--model", "tiny", "--load-format", "dummy", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)

@@ -196,7 +196,10 @@ def resize_kv_cache(llm: LLM, num_seqs: int = 0, tokens_per_seq: int = 0) -> Non
     install(IDLE_KV_BLOCKS, 1, block_size)
     free_device_memory(device)
     if num_seqs:
-        blocks = num_seqs * (-(-tokens_per_seq // block_size) + 1)
+        # + the CUDA graphs' scratch block, + the scheduler's admission reserve (1% of the
+        # blocks), so all sequences are admitted in the same step and none is preempted
+        needed = num_seqs * (-(-tokens_per_seq // block_size) + 1) + 1
+        blocks = needed + needed // 99 + 1
         install(blocks, num_seqs, max(num_seqs * tokens_per_seq, block_size))
 
 

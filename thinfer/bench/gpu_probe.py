@@ -198,10 +198,33 @@ def probe_correctness(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
     }
 
 
+def probe_profile(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
+    """Batch-1 decode of `model`'s dummy weights profiled with CUDA graphs on and off."""
+    from thinfer import LLM
+    from thinfer.bench.decode_timing import synthetic_prompts
+    from thinfer.bench.step_profile import profile_decode
+    from thinfer.engine.factory import load_model
+
+    device = "cpu" if dry_run else "cuda"
+    loaded = load_model(
+        model, dtype="float32" if dry_run else "bfloat16", device=device, load_format="dummy"
+    )
+    prompt = synthetic_prompts(loaded.config.vocab_size, 1, 128)[0]
+    backend = "torch" if dry_run else "triton"
+    result: dict[str, Any] = {"model": model, "device": device, "backend": backend}
+    for name, graphs in (("cuda_graphs", True), ("eager", False)):
+        llm = LLM(
+            loaded, attention_backend=backend, cuda_graphs=graphs, num_kv_blocks=64, max_num_seqs=1
+        )
+        result[name] = profile_decode(llm, prompt, steps)
+        del llm
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m thinfer.bench.gpu_probe env|correctness --out FILE [--dry-run]`."""
     parser = argparse.ArgumentParser(prog="python -m thinfer.bench.gpu_probe")
-    parser.add_argument("stage", choices=["env", "correctness"])
+    parser.add_argument("stage", choices=["env", "correctness", "profile"])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--model", default="llama-2-7b", help="dummy preset (correctness)")
@@ -209,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stage == "env":
         result = probe_env(args.dry_run)
+    elif args.stage == "profile":
+        model = "tiny" if args.dry_run else args.model
+        result = probe_profile(args.dry_run, model, args.steps)
     else:
         model = "tiny" if args.dry_run else args.model
         result = probe_correctness(args.dry_run, model, args.steps)

@@ -30,6 +30,7 @@ STAGE_NAMES = (
     "env",
     "correctness",
     "bandwidth",
+    "profile",
     "decode_attention",
     "speedup",
     "decode_curve",
@@ -96,6 +97,13 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         ),
         Stage(
             "bandwidth", _bench("bandwidth", out, *model, *bandwidth), 120, 40, "bandwidth_*.json"
+        ),
+        Stage(
+            "profile",
+            [*probe, "profile", "--out", f"{out}/profile.json"] + ["--dry-run"] * dry_run,
+            90,
+            20,
+            "profile.json",
         ),
         Stage(
             "decode_attention",
