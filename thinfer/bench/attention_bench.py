@@ -7,8 +7,9 @@ over `--kv-heads` KV heads of `--head-dim`. The paged side reads a cache
 twice the size needed (a realistic, non-contiguous layout); SDPA reads the same keys and
 values laid out contiguously [batch, kv_heads, context, head_dim]. Bandwidth = bytes of
 K + V read plus q read and out written (block tables and lengths are not counted) / median
-time of `--iters` calls. On CUDA each call is timed with CUDA events after a 256 MB write
-that evicts the L2 cache, so short contexts are not served from L2. Both outputs are
+time of `--iters` calls. On CUDA each side is captured in a CUDA graph and each replay is
+timed with CUDA events after a 256 MB write that evicts the L2 cache, so short contexts are
+neither served from L2 nor measured as host launch latency. Both outputs are
 compared, so a wrong kernel does not go unnoticed in the numbers.
 
 Backends: "triton" is `thinfer.kernels.decode_attention.paged_decode_attention`; "torch" is
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from thinfer.bench.bandwidth import device_timings
+from thinfer.bench.bandwidth import device_timings, graphed
 from thinfer.bench.decode_timing import free_device_memory, parse_positive_ints
 from thinfer.bench.report import write_result
 from thinfer.config import resolve_dtype
@@ -157,7 +158,9 @@ def _measure(
     num_bytes = moved_bytes(*shape, dtype.itemsize)
     result: dict[str, Any] = {"context_len": context_len, "bytes": num_bytes}
     for name, fn in (("paged", run_paged), ("sdpa", run_sdpa)):
-        seconds = sorted(device_timings(fn, device, args.iters, args.warmup, flush))
+        seconds = sorted(
+            device_timings(graphed(fn, device), device, args.iters, args.warmup, flush)
+        )
         median = seconds[len(seconds) // 2]
         result[name] = {"median_seconds": median, "tb_per_s": num_bytes / median / 1e12}
     result["ratio"] = result["paged"]["tb_per_s"] / result["sdpa"]["tb_per_s"]
@@ -219,7 +222,8 @@ def run_decode_attention(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "notes": {
             "tb_per_s": "bytes (K + V read, q read, out written) / median seconds / 1e12",
-            "timing": "CUDA events per call after an L2-evicting write on GPU; perf_counter on CPU",
+            "timing": "on GPU each call is a CUDA graph replay (kernels only, no launch "
+            "overhead) timed by CUDA events after an L2-evicting write; perf_counter on CPU",
             "paged": "shuffled block table; sdpa: contiguous [B, Hkv, L, D] K/V, same values",
         },
         "results": results,

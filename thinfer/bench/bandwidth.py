@@ -67,6 +67,23 @@ def device_timings(
     return seconds
 
 
+def graphed(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """On CUDA, `fn` captured once in a CUDA graph, returned as the graph's replay: timings of
+    it see the kernels alone, not the host's launch overhead (the engine's decode steps are
+    graph replays too). Elsewhere `fn` itself."""
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()  # warm-up off the capture: compiles kernels, settles the allocator
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth(device: torch.device, num_bytes: int, repeats: int) -> dict[str, float]:
     """Read + write bandwidth of copying a `num_bytes` tensor: best and median, in GB/s."""
     src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)

@@ -109,6 +109,10 @@ def _stage_result(stage: Stage, raw: str, record: dict[str, Any]) -> dict[str, A
         return json.load(f)
 
 
+def _no_tests_ran(counts: dict[str, Any] | None) -> bool:
+    return not counts or not sum(v for k, v in counts.items() if k != "failing")
+
+
 def _write_summary(out: Path, summary: dict[str, Any], raw: str) -> None:
     for png in sorted(glob.glob(os.path.join(raw, "*.png")))[:MAX_PNGS]:
         shutil.copy(png, out / os.path.basename(png))
@@ -150,22 +154,14 @@ def run_gpu_check(args: argparse.Namespace) -> dict[str, Any]:
             if remaining < stage.min_s:
                 print(f"[gpu-check] {stage.name}: skipped, {remaining:.0f} s left", flush=True)
                 summary["stages"].append({"name": stage.name, "status": "skipped"})
-                continue
-            record = run_stage(stage, min(stage.cap_s, remaining), env, log)
-            result = _stage_result(stage, raw, record)
-            if (
-                stage.name == "tests"
-                and record["status"] == "ok"
-                and not sum(
-                    v
-                    for k, v in result.items()
-                    if k != "failing"  # type: ignore[union-attr]
-                )
-            ):
-                record["status"] = "failed"  # no test ran: the selection is broken
-            del record["_log"]
-            summary["stages"].append(record)
-            summary["results"][stage.name] = result
+            else:
+                record = run_stage(stage, min(stage.cap_s, remaining), env, log)
+                result = _stage_result(stage, raw, record)
+                if stage.name == "tests" and record["status"] == "ok" and _no_tests_ran(result):
+                    record["status"] = "failed"  # the selection is broken
+                del record["_log"]
+                summary["stages"].append(record)
+                summary["results"][stage.name] = result
             summary["targets"] = judge_targets(summary["results"])
             summary["elapsed_s"] = round(time.monotonic() - start, 1)
             _write_summary(out, summary, raw)

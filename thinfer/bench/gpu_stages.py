@@ -58,6 +58,7 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
     """The check's stages writing into folder `out`: GPU shapes, or tiny CPU ones."""
     py = sys.executable
     probe = [py, "-m", "thinfer.bench.gpu_probe"]
+    probe_flags = ["--dry-run", "--steps", "8"] if dry_run else []
     if dry_run:
         model = ["--model", "tiny", "--load-format", "dummy", "--device", "cpu"]
         model += ["--dtype", "float32", "--threads", "2"]
@@ -73,7 +74,7 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         model = ["--model", "llama-2-7b", "--load-format", "dummy", "--dtype", "bfloat16"]
         curve_model = ["--model", "llama-3-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
         bandwidth = ["--input-len", "128", "--output-len", "256"]
-        attention = ["--backend", "triton", "--sweep-split-tokens", "64,128,256,512,1024"]
+        attention = ["--backend", "triton", "--sweep-split-tokens", "256,512,1024,2048"]
         attention += ["--sweep-num-warps", "2,4,8"]
         speedup = ["--input-lens", "128,1024,8192,32768", "--batch-sizes", "1,8"]
         speedup += ["--output-len", "32"]
@@ -83,14 +84,14 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
     return [
         Stage(
             "env",
-            [*probe, "env", "--out", f"{out}/env.json"] + ["--dry-run"] * dry_run,
+            [*probe, "env", "--out", f"{out}/env.json"] + probe_flags,
             60,
             10,
             "env.json",
         ),
         Stage(
             "correctness",
-            [*probe, "correctness", "--out", f"{out}/correctness.json"] + ["--dry-run"] * dry_run,
+            [*probe, "correctness", "--out", f"{out}/correctness.json"] + probe_flags,
             120,
             30,
             "correctness.json",
@@ -100,7 +101,7 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         ),
         Stage(
             "profile",
-            [*probe, "profile", "--out", f"{out}/profile.json"] + ["--dry-run"] * dry_run,
+            [*probe, "profile", "--out", f"{out}/profile.json"] + probe_flags,
             90,
             20,
             "profile.json",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from thinfer.bench.bandwidth import device_timings
+from thinfer.bench.bandwidth import device_timings, graphed
 
 
 def sweep_launch_settings(
@@ -39,7 +39,7 @@ def sweep_launch_settings(
                 split_tokens=split,
                 num_warps=warps,
             )
-            seconds = sorted(device_timings(run, device, iters, warmup, before))
+            seconds = sorted(device_timings(graphed(run, device), device, iters, warmup, before))
             median = seconds[len(seconds) // 2]
             rows.append(
                 {

@@ -31,9 +31,13 @@ from thinfer.kernels.store_kv import check_paged_cache, load_kv_tile
 
 # Keys per chunk of stage 1. A fixed size (not a fixed number of chunks) keeps every sequence's
 # reduction order independent of the batch. A multiple of the usual block sizes (16, 32).
-DECODE_SPLIT_TOKENS = 512
+# Measured (`bench decode-attention --sweep-split-tokens`, H200, batch 1, 32 heads x 128,
+# bf16; bench/results/gpu_check_h200): 1024 keys with 2 warps read 2.36 / 3.21 / 3.65 TB/s at
+# 8k / 16k / 32k keys, against 1.63 / 3.13 / 3.38 for 512 keys (64-256 were slower still);
+# below 8k keys the kernel is launch-bound and no setting stood out.
+DECODE_SPLIT_TOKENS = 1024
 # Warps per stage-1 program (a launch setting: the numbers do not depend on it).
-DECODE_NUM_WARPS = 4
+DECODE_NUM_WARPS = 2
 # phi, in units of the scaled logits: typical largest logits of Llama-family heads lie within
 # the safe window around 0, so the unified path is the common one.
 DEFAULT_SOFTMAX_OFFSET = 0.0
