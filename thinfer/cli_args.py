@@ -47,6 +47,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=list(FUSED_OPS_FLAG),
         help="fused Triton kernels for add+RMSNorm, RoPE, SiLU-mul; auto = with triton attention",
     )
+    parser.add_argument(
+        "--gemm-dataflow",
+        default=None,
+        metavar="TABLE",
+        help="kernel per linear layer and batch size, from `thinfer bench gemm-dataflow` "
+        "(default: cuBLAS everywhere)",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -64,4 +71,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
         fused_ops=FUSED_OPS_FLAG[args.fused_ops],
+        gemm_dataflow=args.gemm_dataflow,
     )

@@ -157,8 +157,10 @@ class EngineConfig:
     turns them off. `fused_ops` runs the decoder's small ops (residual add + RMSNorm, RoPE,
     SiLU-multiply) through fused Triton kernels: "auto" exactly when the attention backend is
     triton, True always (where the kernels can run), False never (see `thinfer.models.fused`).
-    Frozen: an engine with other settings is a new engine
-    (`thinfer.engine.factory.build_engine`).
+    `gemm_dataflow` is the path of a table measured by `thinfer bench gemm-dataflow` that
+    picks cuBLAS, the flat GEMM or the GEMV per linear layer and batch size (see
+    `thinfer.kernels.gemm_dataflow`); None runs cuBLAS everywhere. Frozen: an engine with
+    other settings is a new engine (`thinfer.engine.factory.build_engine`).
     """
 
     max_num_seqs: int = 64
@@ -171,6 +173,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     fused_ops: str | bool = "auto"
+    gemm_dataflow: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -198,3 +201,9 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if not (isinstance(self.fused_ops, bool) or self.fused_ops == "auto"):
             raise ValueError(f"fused_ops must be 'auto', True or False, got {self.fused_ops!r}")
+        if self.gemm_dataflow is not None and (
+            not isinstance(self.gemm_dataflow, str) or not self.gemm_dataflow
+        ):
+            raise ValueError(
+                f"gemm_dataflow must be the path of a table or None, got {self.gemm_dataflow!r}"
+            )

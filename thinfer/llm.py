@@ -33,7 +33,9 @@ class LLM:
     `cuda_graphs` (on by default) replays decode steps from CUDA graphs where they apply: the
     triton backend on a CUDA device (see `thinfer.engine.decode_graphs`). `fused_ops` runs
     the decoder's small ops through fused Triton kernels: "auto" (default) exactly with the
-    triton attention backend, True or False to force them on or off.
+    triton attention backend, True or False to force them on or off. `gemm_dataflow` is a
+    table from `thinfer bench gemm-dataflow` choosing the kernel of each linear layer per
+    batch size (None: cuBLAS everywhere).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class LLM:
         attention_backend: str = "auto",
         cuda_graphs: bool = True,
         fused_ops: str | bool = "auto",
+        gemm_dataflow: str | None = None,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -65,6 +68,7 @@ class LLM:
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,
             fused_ops=fused_ops,
+            gemm_dataflow=gemm_dataflow,
         )
         if not isinstance(model, LoadedModel):  # a bad backend choice fails before loading
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

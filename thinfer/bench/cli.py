@@ -270,7 +270,9 @@ def add_bench_parser(subparsers: Any) -> None:
     _add_stream(kinds)
     _add_gpu_benches(kinds)
     from thinfer.bench.compaction import add_parser as add_compaction
+    from thinfer.bench.gemm_dataflow_bench import add_parser as add_gemm_dataflow
     from thinfer.bench.gpu_check import add_parser as add_gpu_check
 
     add_compaction(kinds)
+    add_gemm_dataflow(kinds)
     add_gpu_check(kinds)

@@ -23,6 +23,7 @@ GPU_TEST_FILES = (
     "tests/test_decode_graphs.py",
     "tests/test_attention_plans.py",
     "tests/test_bench_gpu_path.py",
+    "tests/test_flat_gemm.py",
 )
 
 
@@ -34,6 +35,8 @@ STAGE_NAMES = (
     "decode_attention",
     "speedup",
     "decode_curve",
+    "gemm_dataflow",
+    "bandwidth_with_table",
     "tests",
 )
 
@@ -70,6 +73,7 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         speedup = ["--input-lens", "16,64", "--batch-sizes", "1,2", "--output-len", "4"]
         curve = ["--batch-size", "2", "--steps", "48", "--budget", "40", "--window", "8"]
         tests = ["-k", "test_gpu_"]  # they skip on the CPU: the outcome parse still runs
+        gemm = ["--model", "tiny", "--device", "cpu", "--m", "1,8", "--quick", "--iters", "1"]
     else:
         model = ["--model", "llama-2-7b", "--load-format", "dummy", "--dtype", "bfloat16"]
         curve_model = ["--model", "llama-3-8b", "--load-format", "dummy", "--dtype", "bfloat16"]
@@ -79,6 +83,7 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         speedup = ["--input-lens", "128,1024,8192,32768", "--batch-sizes", "1,8"]
         speedup += ["--output-len", "32"]
         curve = ["--batch-size", "8", "--steps", "1536", "--budget", "512", "--window", "128"]
+        gemm = ["--model", "llama-2-7b", "--m", "1,2,4,8,16,32,64"]
         tests = []
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *tests]
     return [
@@ -121,6 +126,21 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
             40,
             "decode_curve_*.json",
         ),
+        Stage(
+            "gemm_dataflow",
+            _bench("gemm-dataflow", out, *gemm, "--table", f"{out}/gemm_table.json"),
+            150,
+            30,
+            "gemm_dataflow_*.json",
+        ),
+        Stage(
+            "bandwidth_with_table",
+            _bench("bandwidth", f"{out}/with_table", *model, *bandwidth, "--peer", "none")
+            + ["--gemm-dataflow", f"{out}/gemm_table.json"],
+            90,
+            30,
+            "with_table/bandwidth_*.json",
+        ),
         Stage("tests", [*pytest, *GPU_TEST_FILES], 150, 30, None),
     ]
 
@@ -128,6 +148,20 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
 def _target(value: float | None, goal: float, what: str, at_most: bool = False) -> dict[str, Any]:
     met = None if value is None else (value <= goal if at_most else value >= goal)
     return {"what": what, "value": value, "goal": goal, "at_most": at_most, "met": met}
+
+
+def _least_triton_fraction(results: dict[str, Any]) -> float | None:
+    """The least, over Llama-2-7B's linear shapes and M <= 16, of the best Triton kernel's
+    bandwidth as a fraction of the copy bandwidth."""
+    copy = (results.get("env") or {}).get("copy_gb_per_s")
+    shapes = (results.get("gemm_dataflow") or {}).get("shapes") or {}
+    fractions = [
+        row["best_triton"]["tb_per_s"] * 1e3 / copy
+        for entry in shapes.values()
+        for row in entry["rows"]
+        if row["m"] <= 16 and row.get("best_triton") and copy
+    ]
+    return min(fractions, default=None)
 
 
 def judge_targets(results: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +178,15 @@ def judge_targets(results: dict[str, Any]) -> dict[str, Any]:
     error_ratio = None
     if triton_error is not None and torch_error is not None:
         error_ratio = triton_error / max(torch_error, 1e-6)
+    with_table = ((results.get("bandwidth_with_table") or {}).get("thinfer") or {}).get("mbu")
     return {
         "batch1_mbu": _target(mbu, 0.85, "batch-1 decode MBU of Llama-2-7B bf16"),
+        "batch1_mbu_with_table": _target(
+            with_table, 0.85, "the same with the measured gemm dataflow table"
+        ),
+        "flat_gemm_bandwidth": _target(
+            _least_triton_fraction(results), 0.8, "best Triton GEMM at M <= 16 / copy bandwidth"
+        ),
         "speedup_vs_hf": _target(speedup, 5.0, "least decode speedup over HF in the grid"),
         "paged_vs_sdpa_8k": _target(
             min(long) if long else None, 0.9, "paged decode attention / SDPA bandwidth, >= 8k"

@@ -21,7 +21,7 @@ from thinfer.loading import load_checkpoint
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.models import build_model
 from thinfer.models.fused import select_layer_ops
-from thinfer.models.linear import pack_linears
+from thinfer.models.linear import gemm_table, pack_linears, set_gemm_dataflow
 from thinfer.models.llama import LlamaForCausalLM
 
 
@@ -122,6 +122,7 @@ def build_engine(
     backend = select_backend(config.attention_backend, dev)
     loaded.net.set_attention_backend(backend)
     loaded.net.set_layer_ops(select_layer_ops(config.fused_ops, backend, dev))
+    set_gemm_dataflow(loaded.net, gemm_table(config.gemm_dataflow, dev))
     num_blocks = config.num_kv_blocks or auto_num_blocks(
         loaded.config, config, max_model_len, torch_dtype, dev
     )

@@ -4,6 +4,10 @@ On CPU in float32, oneDNN (mkldnn) runs a matmul against weights that were reord
 into its blocked layout about twice as fast as `F.linear` at decode batch sizes (measured on
 the dev machine: lm_head of SmolLM2 at 16 rows 23 ms -> 10 ms). `pack_linears(model)` does the
 reordering after loading; results differ from `F.linear` only by float32 summation order.
+
+On a GPU, a dataflow table (`thinfer.kernels.gemm_dataflow`, set by `set_gemm_dataflow`)
+can route a layer's calls to the flat GEMM or the GEMV of `thinfer.kernels.flat_gemm` per
+number of rows; shapes and batch sizes it does not cover stay on cuBLAS.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from thinfer.kernels.gemm_dataflow import DataflowTable, load_table
 
 
 class Linear(nn.Module):
@@ -21,9 +27,16 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
+        # The kernel per batch size (`set_gemm_dataflow`); None: the paths below.
+        self.dataflow: DataflowTable | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to x [..., in_features]."""
+        if self.dataflow is not None and x.dim() == 2:
+            out_features, in_features = self.weight.shape
+            choice = self.dataflow.choose(out_features, in_features, x.shape[0])
+            if choice.impl != "cublas":
+                return choice.run(x, self.weight, self.bias)
         if self._packed is not None and x.dim() == 2:
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed, self.bias, "none", [], ""
@@ -67,3 +80,29 @@ def unpack_linears(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, Linear):
             module.unpack()
+
+
+def gemm_table(path: str | None, device: torch.device) -> DataflowTable | None:
+    """The dataflow table at `path` for `device` (None for None); ValueError if it cannot be
+    used here (see `load_table`), or if it picks Triton kernels where they cannot run."""
+    if path is None:
+        return None
+    table = load_table(path, device)
+    if device.type != "cuda" and any(
+        choice.impl != "cublas" for rows in table.shapes.values() for _, choice in rows
+    ):
+        from thinfer.attention.triton_paged import kernels_interpreted
+
+        if not kernels_interpreted():
+            raise ValueError(
+                f"gemm_dataflow: {path} picks Triton kernels, which need a CUDA device "
+                "(on CPU only through Triton's interpreter: TRITON_INTERPRET=1)"
+            )
+    return table
+
+
+def set_gemm_dataflow(model: nn.Module, table: DataflowTable | None) -> None:
+    """Let every `Linear` of `model` take its kernel from `table` (None: cuBLAS / oneDNN)."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.dataflow = table
