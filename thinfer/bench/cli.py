@@ -272,7 +272,9 @@ def add_bench_parser(subparsers: Any) -> None:
     from thinfer.bench.compaction import add_parser as add_compaction
     from thinfer.bench.gemm_dataflow_bench import add_parser as add_gemm_dataflow
     from thinfer.bench.gpu_check import add_parser as add_gpu_check
+    from thinfer.bench.softmax_offset import add_parser as add_softmax_offset
 
     add_compaction(kinds)
     add_gemm_dataflow(kinds)
     add_gpu_check(kinds)
+    add_softmax_offset(kinds)
