@@ -98,6 +98,7 @@ class LLM:
         try:
             while len(finals) < len(ids):
                 for out in self.engine.step():
+                    raise_if_failed(out)
                     if out.finished:
                         finals[out.request_id] = out
                         bar.update(1)
@@ -125,6 +126,7 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
+                    raise_if_failed(out)
                     if out.finished:
                         pending.discard(out.request_id)
                     yield out
@@ -176,3 +178,9 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         return ids
+
+
+def raise_if_failed(out: RequestOutput) -> None:
+    """Raise RuntimeError if the engine failed `out`'s request (see `RequestOutput.error`)."""
+    if out.error is not None:
+        raise RuntimeError(f"request {out.request_id} failed: {out.error}")

@@ -108,7 +108,9 @@ class RequestMetrics:
 class RequestOutput:
     """One increment of a request (`finished` once all samples ended; see the module doc).
 
-    `metrics` is a snapshot taken when this output was made.
+    `metrics` is a snapshot taken when this output was made. `error` is set (and the
+    unfinished samples end with finish_reason "error") when the engine failed this request
+    alone during a step, e.g. its sampling row raised; its batch mates go on.
     """
 
     request_id: str
@@ -117,3 +119,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None

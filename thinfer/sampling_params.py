@@ -9,6 +9,9 @@ from thinfer.compression.config import CompressionConfig
 from thinfer.outputs import RequestOutputKind
 
 GREEDY_BELOW = 1e-5
+# A positive logit is divided by the penalty, a negative one multiplied: outside this range a
+# penalty overflows or zeroes the logits (1e-300 made every logit inf and sampling fail).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 @dataclass
@@ -67,10 +70,13 @@ class SamplingParams:
         )
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         _check(
-            _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            _is_number(self.repetition_penalty)
+            and REPETITION_PENALTY_RANGE[0]
+            <= self.repetition_penalty
+            <= REPETITION_PENALTY_RANGE[1],
             "repetition_penalty",
             self.repetition_penalty,
-            "> 0",
+            f"in [{REPETITION_PENALTY_RANGE[0]}, {REPETITION_PENALTY_RANGE[1]}] (1 disables it)",
         )
         _check(
             isinstance(self.max_tokens, int) and self.max_tokens >= 1,

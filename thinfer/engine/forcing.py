@@ -20,6 +20,27 @@ def is_forcing(seq: Sequence) -> bool:
     return len(seq.output_token_ids) < len(seq.params.forced_tokens)
 
 
+def choose_tokens_row_by_row(
+    logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]
+) -> tuple[list[tuple[Sequence, SampledToken]], list[tuple[Sequence, str]]]:
+    """`choose_tokens` for the batch, or, if that raises, row by row, so a row that cannot be
+    sampled fails alone: ((sequence, token) of the rows that could, (sequence, why) of those
+    that could not). A row retried after a failed batch may have advanced its seeded
+    generator already, so only greedy rows are guaranteed the tokens the batch would give."""
+    try:
+        return list(zip(seqs, choose_tokens(logits, seqs, rows), strict=True)), []
+    except Exception:  # noqa: BLE001 - whatever broke, find the row that broke it
+        pass
+    chosen: list[tuple[Sequence, SampledToken]] = []
+    failed: list[tuple[Sequence, str]] = []
+    for i, seq in enumerate(seqs):
+        try:
+            chosen.append((seq, choose_tokens(logits[i : i + 1], [seq], [rows[i]])[0]))
+        except Exception as exc:  # noqa: BLE001 - reported to that request alone
+            failed.append((seq, f"sampling failed: {type(exc).__name__}: {exc}"))
+    return chosen, failed
+
+
 def choose_tokens(
     logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]
 ) -> list[SampledToken]:

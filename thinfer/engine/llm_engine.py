@@ -19,9 +19,10 @@ from thinfer.compression import CompressionConfig
 from thinfer.compression.method import PrepareContext
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
-from thinfer.engine.compression import CompressionStage, peak_slots
+from thinfer.engine.admission import check_request
+from thinfer.engine.compression import CompressionStage
 from thinfer.engine.decode_graphs import build_decode_graphs
-from thinfer.engine.forcing import choose_tokens
+from thinfer.engine.forcing import choose_tokens_row_by_row
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.request_state import RequestState
 from thinfer.engine.runner import ModelRunner
@@ -101,30 +102,20 @@ class LLMEngine:
         return None, ids
 
     def validate(self, prompt_len: int, params: SamplingParams) -> None:
-        """Raise ValueError if this request can never run to completion."""
-        if prompt_len >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {prompt_len} tokens, but the model's context is "
-                f"{self.max_model_len} tokens"
-            )
-        if prompt_len + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"model's context of {self.max_model_len} tokens"
-            )
-        vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in params.forced_tokens):
-            raise ValueError(f"forced_tokens: token ids must be below the vocabulary size {vocab}")
-        capacity = self.kv_cache.capacity_tokens
+        """Raise ValueError if this request can never run to completion (see
+        `thinfer.engine.admission.check_request`; a bad DynTS predictor file fails too)."""
         config = self._compression_for(params)
         if config is not None:
-            self.compression.resources(config)  # a bad predictor file fails here
-        peak = peak_slots(config, prompt_len, params.max_tokens)
-        if peak > capacity:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs up to "
-                f"{peak} KV slots and can never fit in the KV cache of {capacity} tokens"
-            )
+            self.compression.resources(config)
+        check_request(
+            prompt_len,
+            params,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            eos_token_ids=self.eos_token_ids,
+            capacity_tokens=self.kv_cache.capacity_tokens,
+            compression=config,
+        )
 
     def _compression_for(self, params: SamplingParams) -> CompressionConfig | None:
         return params.kv_compression or self.default_compression  # type: ignore[return-value]
@@ -174,12 +165,22 @@ class LLMEngine:
         if request is None:
             return None
         now = time.monotonic()
+        self._end_request(request, "abort", now)
+        return self._make_output(request, now)
+
+    def _fail_request(self, request_id: str, why: str, now: float) -> RequestState:
+        """End a request alone (finish_reason "error", `error` = why), freeing its blocks."""
+        request = self._requests[request_id]
+        request.error = why
+        self._end_request(request, "error", now)
+        return request
+
+    def _end_request(self, request: RequestState, reason: str, now: float) -> None:
         for seq in request.seqs:
             if not seq.is_finished:
-                seq.finish_reason = "abort"
+                seq.finish_reason = reason
                 seq.finished_time = now
                 self.scheduler.finish(seq)
-        return self._make_output(request, now)
 
     def has_unfinished_requests(self) -> bool:
         """True while any request is waiting or running."""
@@ -226,12 +227,14 @@ class LLMEngine:
         self.compression.observe(batch, capture, hidden)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
-        sampled = choose_tokens(logits, sampling, rows)
+        chosen, failed = choose_tokens_row_by_row(logits, sampling, rows)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for seq, token in zip(sampling, sampled, strict=True):
+        for seq, token in chosen:
             self._append_token(seq, token.token_id, token.logprob, token.top_logprobs, now)
             touched[seq.request_id] = self._requests[seq.request_id]
+        for seq, why in failed:
+            touched[seq.request_id] = self._fail_request(seq.request_id, why, now)
         built = time.perf_counter()
         outputs = [self._make_output(request, now) for request in touched.values()]
         output_seconds = time.perf_counter() - built

@@ -25,6 +25,7 @@ class RequestState:
     seqs: list[Sequence]
     metrics: RequestMetrics
     emitted: list[tuple[int, int]] = field(default_factory=list)
+    error: str | None = None  # why the engine failed this request alone (see RequestOutput)
 
     def __post_init__(self) -> None:
         self.emitted = [(0, 0)] * len(self.seqs)
@@ -60,7 +61,13 @@ class RequestState:
             metrics, sample_peak_kv_slots=list(metrics.sample_peak_kv_slots)
         )
         return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, outputs, finished, snapshot
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outputs,
+            finished,
+            snapshot,
+            self.error,
         )
 
     def _completion(self, i: int, seq: Sequence, full: bool) -> CompletionOutput:

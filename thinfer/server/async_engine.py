@@ -250,6 +250,11 @@ class AsyncEngine:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
+            if out.error is not None:  # failed alone in this step; its batch mates go on
+                del self._tracked[out.request_id]
+                message = f"the engine failed this request: {out.error}"
+                deliveries.append((tracked.queue, StreamError(out.request_id, message)))
+                continue
             first = not tracked.got_first_token and out.metrics.first_token_time is not None
             tracked.got_first_token |= first
             if out.finished:
