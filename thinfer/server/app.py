@@ -8,6 +8,7 @@ thread, and at shutdown aborts what is still running and stops the thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -16,16 +17,20 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from thinfer.server.async_engine import AsyncEngine
 from thinfer.server.errors import install_error_handlers
 from thinfer.server.metrics import CONTENT_TYPE, ServerMetrics
 from thinfer.server.openai_routes import ServerContext, build_router
+from thinfer.server.request_stream import EngineStats
 
 if TYPE_CHECKING:
     from thinfer.llm import LLM
 
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+DEFAULT_STALL_SECONDS = 60.0
 
 
 def create_app(
@@ -33,16 +38,32 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_waiting: int | None = DEFAULT_MAX_WAITING,
+    *,
+    allowed_hosts: list[str] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    stall_seconds: float = DEFAULT_STALL_SECONDS,
 ) -> FastAPI:
     """An app serving `llm` as `model_name`.
 
-    `api_key`: when set, `/v1/*` needs `Authorization: Bearer <api_key>` (else 401).
-    `max_waiting`: bound on requests waiting for admission (beyond it: 429); None: unbounded.
-    The engine (`app.state.engine`, an `AsyncEngine`) runs while the app's lifespan runs.
+    `api_key`: when set, `/v1/*` needs `Authorization: Bearer <api_key>` (else 401); an
+    empty key is refused (it would mean no auth). `max_waiting`: bound on requests waiting
+    for admission (beyond it: 429); None: unbounded. `allowed_hosts`: the `Host` header
+    values served (None: any), so a web page cannot drive a keyless local server through DNS
+    rebinding. `max_body_bytes`: larger request bodies get 413. `stall_seconds`: `/health`
+    says 503 "stalled" while one engine step has run longer. The engine
+    (`app.state.engine`, an `AsyncEngine`) runs while the app's lifespan runs.
     """
     if max_waiting is not None and max_waiting < 1:
         raise ValueError(f"max_waiting must be >= 1 or None, got {max_waiting}")
-    metrics = ServerMetrics(model_name, lambda: engine.stats)  # read at scrape time
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass a real key, or None for no authentication")
+    if max_body_bytes < 1 or stall_seconds <= 0:
+        raise ValueError("max_body_bytes must be >= 1 and stall_seconds > 0")
+
+    def live_stats() -> EngineStats:  # read at scrape time, also during a long step
+        return dataclasses.replace(engine.stats, step_running_seconds=engine.step_running_seconds)
+
+    metrics = ServerMetrics(model_name, live_stats)
     engine = AsyncEngine(llm.engine, max_waiting, metrics.on_output)
     tokenizer = llm.tokenizer
 
@@ -59,6 +80,7 @@ def create_app(
         token_text=token_text,
         api_key=api_key,
         created=int(time.time()),
+        max_body_bytes=max_body_bytes,
     )
 
     @asynccontextmanager
@@ -70,7 +92,14 @@ def create_app(
             await engine.shutdown(grace=0.0)
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="thinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No /openapi.json: the schema would be open without the key. No trailing-slash redirects:
+    # Starlette builds them from the client's Host header.
+    app = FastAPI(
+        title="thinfer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.router.redirect_slashes = False
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.state.engine = engine
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -78,6 +107,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        step = engine.step_running_seconds
+        if step > stall_seconds:
+            return JSONResponse({"status": "stalled", "step_seconds": step}, status_code=503)
         if engine.is_alive and engine.accepting:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)

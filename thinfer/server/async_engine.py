@@ -67,6 +67,7 @@ class AsyncEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._step_started: float | None = None  # monotonic start of the step running now
         self._publish_stats()
 
     # ----- lifecycle (event loop side) ---------------------------------------------------
@@ -80,6 +81,12 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         """True while the engine thread runs."""
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def step_running_seconds(self) -> float:
+        """How long the engine step running now has run (0 between steps)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def accepting(self) -> bool:
@@ -168,7 +175,11 @@ class AsyncEngine:
                 if stopping:
                     self._abort(list(self._tracked), deliveries)
                 elif self._tracked:
-                    self._step(deliveries)
+                    self._step_started = time.monotonic()
+                    try:
+                        self._step(deliveries)
+                    finally:
+                        self._step_started = None
             except Exception:  # a bug here must not kill the thread
                 logger.exception("engine thread: unexpected error")
             self._publish_stats()

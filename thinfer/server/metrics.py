@@ -55,6 +55,11 @@ class _EngineCollector(Collector):
             ),
             ("thinfer:kv_blocks_in_use", "KV blocks in use.", s.kv_blocks_used),
             ("thinfer:kv_blocks_total", "KV blocks in the pool.", s.kv_blocks_total),
+            (
+                "thinfer:engine_step_running_seconds",
+                "How long the engine step running now has run (0 between steps).",
+                s.step_running_seconds,
+            ),
         ]
         for name, doc, value in gauges:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])

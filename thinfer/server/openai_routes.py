@@ -50,6 +50,7 @@ class ServerContext:
     max_model_len: int
     token_text: TokenText
     api_key: str | None = None
+    max_body_bytes: int = 16 * 2**20
     created: int = 0
 
 
@@ -86,7 +87,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
-        body = await _parse(request, CompletionRequest)
+        body = await _parse(request, CompletionRequest, ctx.max_body_bytes)
         _check_model(ctx, body.model)
         params = _params(body.to_sampling_params, "prompt")
         prompts: list[Prompt] = list(body.prompts())
@@ -94,7 +95,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        body = await _parse(request, ChatCompletionRequest)
+        body = await _parse(request, ChatCompletionRequest, ctx.max_body_bytes)
         _check_model(ctx, body.model)
         params = _params(body.to_sampling_params, "messages")
         prompts: list[Prompt] = [ChatPrompt(body.message_dicts())]
@@ -104,9 +105,22 @@ def build_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-async def _parse(request: Request, model: type[Body]) -> Body:
-    """The body validated from raw JSON (pydantic's errors become 400s)."""
-    return model.model_validate_json(await request.body())
+async def _parse(request: Request, model: type[Body], max_bytes: int) -> Body:
+    """The body validated from raw JSON (pydantic's errors become 400s): only
+    `application/json` (415 otherwise: a web page's form or text/plain POST is not served),
+    at most `max_bytes` (413, read no further)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {media_type!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes")
+    return model.model_validate_json(bytes(body))
 
 
 def _check_model(ctx: ServerContext, model: str | None) -> None:

@@ -53,6 +53,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     preemptions_total: int = 0
+    step_running_seconds: float = 0.0  # read live at scrape time, not published per step
 
 
 @dataclass

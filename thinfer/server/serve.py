@@ -58,6 +58,36 @@ def add_serve_parser(sub: Any) -> None:
         default=5.0,
         help="seconds running requests get to finish on SIGTERM before being aborted",
     )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host header values served ('*': any). Default: without an API "
+        "key on a loopback address, only localhost and 127.0.0.1 (no DNS rebinding); else any",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 2**20,
+        help="larger request bodies get 413 (default 16 MiB)",
+    )
+    parser.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=60.0,
+        help="/health says 503 'stalled' while one engine step runs longer (default 60)",
+    )
+    parser.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=1024,
+        help="open connections beyond which new requests get 503 (default 1024)",
+    )
+    parser.add_argument(
+        "--timeout-keep-alive",
+        type=int,
+        default=5,
+        help="seconds an idle connection stays open (default 5)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -81,6 +111,39 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("max_body_bytes", "limit_concurrency", "timeout_keep_alive"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stall_seconds <= 0:
+        raise ValueError(f"--stall-seconds must be > 0, got {args.stall_seconds}")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key, else $THINFER_API_KEY, else None; an empty key is an error (it would turn
+    authentication off, e.g. `--api-key "$KEY"` with KEY unset)."""
+    for key, where in ((args.api_key, "--api-key"), (os.environ.get("THINFER_API_KEY"), None)):
+        if key is None:
+            continue
+        if not key.strip():
+            source = where or "$THINFER_API_KEY"
+            raise ValueError(f"{source} is empty: give a real key, or leave it unset for no auth")
+        return key
+    return None
+
+
+def allowed_hosts_of(args: argparse.Namespace, api_key: str | None) -> list[str] | None:
+    """The Host header values to serve (None: any); see --allowed-hosts."""
+    if args.allowed_hosts is not None:
+        hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+        if not hosts:
+            raise ValueError("--allowed-hosts is empty")
+        return None if "*" in hosts else hosts
+    if api_key is None and args.host in LOOPBACK:
+        return ["localhost", "127.0.0.1"]
+    return None
 
 
 def _kv_compression(text: str | None) -> dict[str, Any] | None:
@@ -102,6 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from thinfer.server.app import create_app
 
     _check_args(args)
+    api_key = api_key_of(args)  # before loading: a bad key fails at once
+    allowed_hosts = allowed_hosts_of(args, api_key)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     if args.threads is not None:
         import torch
@@ -109,17 +174,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     llm = LLM(**llm_kwargs(args), kv_compression=_kv_compression(args.kv_compression))  # type: ignore[arg-type]
     name = args.served_model_name or _default_model_name(args.model, llm.source)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("THINFER_API_KEY")
-    app = create_app(llm, name, api_key or None, args.max_waiting_requests)
+    app = create_app(
+        llm,
+        name,
+        api_key,
+        args.max_waiting_requests,
+        allowed_hosts=allowed_hosts,
+        max_body_bytes=args.max_body_bytes,
+        stall_seconds=args.stall_seconds,
+    )
     logger.info("serving %r on http://%s:%d", name, args.host, args.port)
-    return serve_app(app, args.host, args.port, args.shutdown_grace, args.log_level)
+    limits = {"limit_concurrency": args.limit_concurrency}
+    limits["timeout_keep_alive"] = args.timeout_keep_alive
+    return serve_app(app, args.host, args.port, args.shutdown_grace, args.log_level, limits)
 
 
 def serve_app(
-    app: FastAPI, host: str, port: int, shutdown_grace: float = 5.0, log_level: str = "info"
+    app: FastAPI,
+    host: str,
+    port: int,
+    shutdown_grace: float = 5.0,
+    log_level: str = "info",
+    limits: dict[str, int] | None = None,
 ) -> int:
     """Run an app from `create_app` under uvicorn until SIGTERM / SIGINT; returns 0 after a
-    graceful shutdown (1 if the server could not start)."""
+    graceful shutdown (1 if the server could not start). `limits`: uvicorn's
+    `limit_concurrency` and `timeout_keep_alive`."""
     import uvicorn
 
     config = uvicorn.Config(
@@ -129,6 +209,7 @@ def serve_app(
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=int(shutdown_grace) + 10,
+        **(limits or {}),
     )
     server = _graceful_server(config, app.state.engine, shutdown_grace)
 
