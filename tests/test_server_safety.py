@@ -15,15 +15,20 @@ from fastapi.testclient import TestClient
 from server_utils import ServerProcess
 
 from thinfer import LLM
+from thinfer.compression.predictor import ImportancePredictor, save_predictor
+from thinfer.loading.checkpoint import default_model_path
 from thinfer.server.app import create_app
+from thinfer.server.compression_policy import CompressionPolicy
 
 BODY = {"prompt": "hello", "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
 def keyless():
-    """A keyless server on loopback: only localhost hosts by default, small body limit."""
-    proc = ServerProcess("--max-body-bytes", "4096", "--num-kv-blocks", "64")
+    """A keyless server on loopback: only localhost hosts by default, small body limit, the
+    model given by its full path."""
+    model = default_model_path()
+    proc = ServerProcess("--model", model, "--max-body-bytes", "4096", "--num-kv-blocks", "64")
     yield proc
     proc.stop()
 
@@ -47,6 +52,8 @@ def test_posts_must_be_json_and_bounded(keyless):
 
 def test_no_schema_no_host_built_redirects_and_foreign_hosts_refused(keyless):
     assert httpx.get(f"{keyless.url}/openapi.json").status_code == 404
+    (card,) = httpx.get(f"{keyless.url}/v1/models").json()["data"]
+    assert card["id"] == "SmolLM2-135M-Instruct.Q4_1"  # the file's name, not the server path
     slash = httpx.get(f"{keyless.url}/v1/models/", headers={"Host": "evil.example"})
     assert slash.status_code in (400, 404) and "location" not in slash.headers
     rebound = httpx.post(
@@ -66,6 +73,9 @@ def test_no_schema_no_host_built_redirects_and_foreign_hosts_refused(keyless):
         ([], {"THINFER_API_KEY": " "}, "$THINFER_API_KEY is empty"),
         (["--allowed-hosts", ","], {}, "--allowed-hosts is empty"),
         (["--max-body-bytes", "0"], {}, "--max-body-bytes must be >= 1"),
+        (["--dynts-predictor", "head"], {}, "expected NAME=PATH"),
+        (["--dynts-predictor", "head=/nonexistent.safetensors"], {}, "--dynts-predictor head="),
+        (["--enforce-kv-compression"], {}, "--enforce-kv-compression needs --kv-compression"),
     ],
 )
 def test_unsafe_settings_are_refused_before_loading(argv, env, message):
@@ -107,3 +117,30 @@ def test_a_stuck_step_shows_in_health_and_metrics():
         assert client.get("/health").status_code == 200
     with pytest.raises(ValueError, match="api_key is empty"):
         create_app(llm, "tiny", api_key="")
+
+
+def test_clients_name_registered_heads_never_paths(tmp_path):
+    llm = LLM(model="tiny", load_format="dummy", device="cpu", num_kv_blocks=64)
+    head = str(tmp_path / "head.safetensors")
+    save_predictor(ImportancePredictor(llm.model_config.hidden_size), head)
+    policy = CompressionPolicy({"reasoning": head})
+    ids = {"prompt": [5, 6, 7], "max_tokens": 40, "ignore_eos": True}
+    dynts = {"method": "dynts", "budget": 24, "window": 8}
+    with TestClient(create_app(llm, "tiny", compression_policy=policy)) as client:
+        named = client.post(
+            "/v1/completions", json=ids | {"kv_compression": dynts | {"predictor": "reasoning"}}
+        )
+        assert named.status_code == 200, named.text
+        for probe in (head, "/etc/passwd", "../head.safetensors", 3):
+            r = client.post(
+                "/v1/completions", json=ids | {"kv_compression": dynts | {"predictor": probe}}
+            )
+            assert r.status_code == 400 and "it offers: reasoning" in r.text
+            assert (
+                "exist" not in r.text and "directory" not in r.text and str(tmp_path) not in r.text
+            )
+    enforced = CompressionPolicy(enforce=True)
+    with TestClient(create_app(llm, "tiny", compression_policy=enforced)) as client:
+        r = client.post("/v1/completions", json=ids | {"kv_compression": {"method": "full"}})
+        assert r.status_code == 400 and "enforces its own" in r.text
+        assert client.post("/v1/completions", json=ids).status_code == 200

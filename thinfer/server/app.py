@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from thinfer.server.async_engine import AsyncEngine
+from thinfer.server.compression_policy import CompressionPolicy
 from thinfer.server.errors import install_error_handlers
 from thinfer.server.metrics import CONTENT_TYPE, ServerMetrics
 from thinfer.server.openai_routes import ServerContext, build_router
@@ -42,6 +43,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stall_seconds: float = DEFAULT_STALL_SECONDS,
+    compression_policy: CompressionPolicy | None = None,
 ) -> FastAPI:
     """An app serving `llm` as `model_name`.
 
@@ -50,7 +52,9 @@ def create_app(
     for admission (beyond it: 429); None: unbounded. `allowed_hosts`: the `Host` header
     values served (None: any), so a web page cannot drive a keyless local server through DNS
     rebinding. `max_body_bytes`: larger request bodies get 413. `stall_seconds`: `/health`
-    says 503 "stalled" while one engine step has run longer. The engine
+    says 503 "stalled" while one engine step has run longer. `compression_policy`: the
+    DynTS heads clients may name and whether the server's compression is enforced (default:
+    none registered, not enforced). The engine
     (`app.state.engine`, an `AsyncEngine`) runs while the app's lifespan runs.
     """
     if max_waiting is not None and max_waiting < 1:
@@ -81,6 +85,7 @@ def create_app(
         api_key=api_key,
         created=int(time.time()),
         max_body_bytes=max_body_bytes,
+        compression_policy=compression_policy or CompressionPolicy(),
     )
 
     @asynccontextmanager

@@ -15,7 +15,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from thinfer.sampling_params import SamplingParams
 from thinfer.server.async_engine import AsyncEngine
+from thinfer.server.compression_policy import CompressionPolicy
 from thinfer.server.errors import APIError, error_body, from_value_error
 from thinfer.server.protocol import ChatCompletionRequest, CompletionRequest
 from thinfer.server.request_stream import (
@@ -52,6 +53,7 @@ class ServerContext:
     api_key: str | None = None
     max_body_bytes: int = 16 * 2**20
     created: int = 0
+    compression_policy: CompressionPolicy = field(default_factory=CompressionPolicy)
 
 
 def build_router(ctx: ServerContext) -> APIRouter:
@@ -89,6 +91,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
         body = await _parse(request, CompletionRequest, ctx.max_body_bytes)
         _check_model(ctx, body.model)
+        body.kv_compression = ctx.compression_policy.resolve(body.kv_compression)
         params = _params(body.to_sampling_params, "prompt")
         prompts: list[Prompt] = list(body.prompts())
         return await _serve(ctx, request, "completion", "cmpl", body, prompts, params, False)
@@ -97,6 +100,7 @@ def build_router(ctx: ServerContext) -> APIRouter:
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         body = await _parse(request, ChatCompletionRequest, ctx.max_body_bytes)
         _check_model(ctx, body.model)
+        body.kv_compression = ctx.compression_policy.resolve(body.kv_compression)
         params = _params(body.to_sampling_params, "messages")
         prompts: list[Prompt] = [ChatPrompt(body.message_dicts())]
         fill = body.requested_max_tokens is None

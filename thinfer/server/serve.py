@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from thinfer.server.async_engine import AsyncEngine
+    from thinfer.server.compression_policy import CompressionPolicy
 
 logger = logging.getLogger("thinfer.server")
 
@@ -51,6 +52,17 @@ def add_serve_parser(sub: Any) -> None:
         "--kv-compression",
         default=None,
         help='default KV compression as JSON, e.g. \'{"method": "window", "budget": 1024}\'',
+    )
+    parser.add_argument(
+        "--dynts-predictor",
+        action="append",
+        metavar="NAME=PATH",
+        help="register a DynTS head under NAME (repeatable); requests name heads, never paths",
+    )
+    parser.add_argument(
+        "--enforce-kv-compression",
+        action="store_true",
+        help="apply --kv-compression to every request and refuse requests that set their own",
     )
     parser.add_argument(
         "--shutdown-grace",
@@ -95,9 +107,8 @@ def add_serve_parser(sub: Any) -> None:
     parser.set_defaults(func=cmd_serve)
 
 
-def _default_model_name(model: str | None, source: str) -> str:
-    if model is not None:
-        return model
+def _default_model_name(source: str) -> str:
+    """The API's model id: the checkpoint's file or folder name, never a server path."""
     base = os.path.basename(source.rstrip("/"))
     return base[: -len(".gguf")] if base.endswith(".gguf") else base
 
@@ -146,6 +157,30 @@ def allowed_hosts_of(args: argparse.Namespace, api_key: str | None) -> list[str]
     return None
 
 
+def compression_policy_of(
+    args: argparse.Namespace,
+) -> tuple[CompressionPolicy, dict[str, Any] | None]:
+    """The policy from --dynts-predictor / --enforce-kv-compression (every head loaded now,
+    so a bad file stops the start) and the default compression, its predictor name resolved."""
+    import torch
+
+    from thinfer.compression.predictor import load_predictor
+    from thinfer.server.compression_policy import CompressionPolicy, parse_predictor_flags
+
+    heads = parse_predictor_flags(args.dynts_predictor)
+    for name, path in heads.items():
+        try:
+            load_predictor(path, torch.float32, "cpu")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"--dynts-predictor {name}={path}: {e}") from e
+    default = _kv_compression(args.kv_compression)
+    if args.enforce_kv_compression and default is None:
+        raise ValueError("--enforce-kv-compression needs --kv-compression")
+    if default is not None and default.get("predictor") in heads:
+        default = default | {"predictor": heads[default["predictor"]]}
+    return CompressionPolicy(heads, args.enforce_kv_compression), default
+
+
 def _kv_compression(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -167,13 +202,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_args(args)
     api_key = api_key_of(args)  # before loading: a bad key fails at once
     allowed_hosts = allowed_hosts_of(args, api_key)
+    policy, default_compression = compression_policy_of(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    llm = LLM(**llm_kwargs(args), kv_compression=_kv_compression(args.kv_compression))  # type: ignore[arg-type]
-    name = args.served_model_name or _default_model_name(args.model, llm.source)
+    llm = LLM(**llm_kwargs(args), kv_compression=default_compression)  # type: ignore[arg-type]
+    name = args.served_model_name or _default_model_name(args.model or llm.source)
     app = create_app(
         llm,
         name,
@@ -182,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=allowed_hosts,
         max_body_bytes=args.max_body_bytes,
         stall_seconds=args.stall_seconds,
+        compression_policy=policy,
     )
     logger.info("serving %r on http://%s:%d", name, args.host, args.port)
     limits = {"limit_concurrency": args.limit_concurrency}
