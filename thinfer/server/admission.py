@@ -1,4 +1,5 @@
-"""Admission checks run in the engine thread: a prompt and its params, ready for the engine.
+"""Admission: a prompt tokenized (in a worker thread, off the engine thread) and its params
+fitted and validated (in the engine thread), ready for the engine.
 
 Everything here raises ValueError naming the problem, so that the HTTP handler answers 400
 and the engine is left unchanged.
@@ -13,14 +14,10 @@ from thinfer.sampling_params import SamplingParams
 from thinfer.server.request_stream import ChatPrompt, Prompt
 
 
-def prepare(
-    engine: LLMEngine, prompt: Prompt, params: SamplingParams, fill_max_tokens: bool
-) -> tuple[list[int], SamplingParams]:
-    """Token ids of `prompt` (chats rendered with the template) and the params to run with.
-
-    `fill_max_tokens` sets `max_tokens` to the room the prompt leaves in the context and
-    the KV pool (the chat default). The request is validated as the engine would.
-    """
+def tokenize(engine: LLMEngine, prompt: Prompt) -> list[int]:
+    """Token ids of `prompt` (chats rendered with the template). Reads only the tokenizer
+    and the vocabulary size, so it runs off the engine thread: a huge prompt costs its own
+    handler the time, never the running streams."""
     if isinstance(prompt, ChatPrompt):
         if engine.tokenizer is None:
             raise ValueError("messages: this model has no tokenizer, so no chat template")
@@ -28,9 +25,25 @@ def prepare(
             prompt = engine.tokenizer.apply_chat_template(prompt.messages)
         except Exception as e:  # jinja's TemplateError (e.g. roles must alternate)
             raise ValueError(f"messages: the chat template failed: {e}") from e
-    _, ids = engine.tokenize_prompt(prompt)
+    return engine.tokenize_prompt(prompt)[1]
+
+
+def fit(
+    engine: LLMEngine,
+    ids: list[int],
+    params: SamplingParams,
+    fill_max_tokens: bool,
+    cap: int | None = None,
+) -> SamplingParams:
+    """The params to run `ids` with, validated as the engine would (in the engine thread).
+
+    `fill_max_tokens` sets `max_tokens` to the room the prompt leaves in the context and
+    the KV pool (the chat default), at most `cap` when given.
+    """
     if fill_max_tokens:
         room = min(engine.max_model_len, engine.kv_cache.capacity_tokens) - len(ids)
-        params = dataclasses.replace(params, max_tokens=max(1, room))
+        if cap is not None:
+            room = min(room, cap)
+        params = dataclasses.replace(params, max_tokens=max(1, room, params.min_tokens))
     engine.validate(len(ids), params)  # also loads and checks a DynTS predictor
-    return ids, params
+    return params

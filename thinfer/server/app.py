@@ -22,6 +22,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from thinfer.server.async_engine import AsyncEngine
 from thinfer.server.compression_policy import CompressionPolicy
 from thinfer.server.errors import install_error_handlers
+from thinfer.server.limits import ServerLimits
 from thinfer.server.metrics import CONTENT_TYPE, ServerMetrics
 from thinfer.server.openai_routes import ServerContext, build_router
 from thinfer.server.request_stream import EngineStats
@@ -44,6 +45,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     stall_seconds: float = DEFAULT_STALL_SECONDS,
     compression_policy: CompressionPolicy | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """An app serving `llm` as `model_name`.
 
@@ -54,7 +56,9 @@ def create_app(
     rebinding. `max_body_bytes`: larger request bodies get 413. `stall_seconds`: `/health`
     says 503 "stalled" while one engine step has run longer. `compression_policy`: the
     DynTS heads clients may name and whether the server's compression is enforced (default:
-    none registered, not enforced). The engine
+    none registered, not enforced). `limits` (`ServerLimits`, whose `max_waiting` then
+    replaces the argument) also bound the waiting prompt tokens, each request's lifetime and
+    a chat's default max. The engine
     (`app.state.engine`, an `AsyncEngine`) runs while the app's lifespan runs.
     """
     if max_waiting is not None and max_waiting < 1:
@@ -68,7 +72,8 @@ def create_app(
         return dataclasses.replace(engine.stats, step_running_seconds=engine.step_running_seconds)
 
     metrics = ServerMetrics(model_name, live_stats)
-    engine = AsyncEngine(llm.engine, max_waiting, metrics.on_output)
+    limits = limits or ServerLimits(max_waiting=max_waiting)
+    engine = AsyncEngine(llm.engine, on_output=metrics.on_output, limits=limits)
     tokenizer = llm.tokenizer
 
     @functools.lru_cache(maxsize=65536)

@@ -26,12 +26,12 @@ from collections.abc import Callable
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.outputs import RequestOutput
 from thinfer.sampling_params import SamplingParams
-from thinfer.server.admission import prepare
+from thinfer.server.admission import fit, tokenize
+from thinfer.server.limits import ServerLimits
 from thinfer.server.request_stream import (
     AddCommand,
     EngineStats,
     Prompt,
-    QueueFullError,
     RequestStream,
     ShuttingDownError,
     StreamError,
@@ -45,9 +45,10 @@ logger = logging.getLogger("thinfer.server")
 class AsyncEngine:
     """Runs `engine` in a background thread; `add` and `abort` are safe from the event loop.
 
-    `max_waiting` bounds the requests waiting for admission (None: no bound); an add beyond
-    it raises QueueFullError. `on_output(output, first)` is called in the engine thread for
-    every output; `first` is True on the first output that carries a token.
+    `limits` (`ServerLimits`) bound the waiting requests and their prompt tokens (an add
+    beyond them raises QueueFullError), each request's lifetime and a chat's default max;
+    `max_waiting` alone is the short form. `on_output(output, first)` is called in the engine
+    thread for every output; `first` is True on the first output that carries a token.
     """
 
     def __init__(
@@ -55,9 +56,10 @@ class AsyncEngine:
         engine: LLMEngine,
         max_waiting: int | None = None,
         on_output: Callable[[RequestOutput, bool], None] | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.engine = engine
-        self.max_waiting = max_waiting
+        self.limits = limits or ServerLimits(max_waiting=max_waiting)
         self.on_output = on_output
         self.stats = EngineStats()
         self._cond = threading.Condition()
@@ -133,9 +135,11 @@ class AsyncEngine:
         """
         if not (self._accepting and self.is_alive):
             raise ShuttingDownError("the server is shutting down")
+        engine = self.engine
+        ids = await asyncio.to_thread(lambda: [tokenize(engine, p) for p in prompts])
         queue: asyncio.Queue = asyncio.Queue()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._post(AddCommand(request_ids, prompts, params, fill_max_tokens, queue, future))
+        self._post(AddCommand(request_ids, ids, params, fill_max_tokens, queue, future))
         stream = RequestStream(request_ids, queue)
         try:
             await asyncio.wrap_future(future)
@@ -172,9 +176,12 @@ class AsyncEngine:
                     if isinstance(command, AddCommand) and not command.future.done():
                         command.future.set_exception(exc)
             try:
-                if stopping:
-                    self._abort(list(self._tracked), deliveries)
-                elif self._tracked:
+                expired = self.limits.expired(
+                    ((rid, t.arrival) for rid, t in self._tracked.items()), time.monotonic()
+                )
+                if stopping or expired:
+                    self._abort(list(self._tracked) if stopping else expired, deliveries)
+                if not stopping and self._tracked:
                     self._step_started = time.monotonic()
                     try:
                         self._step(deliveries)
@@ -205,13 +212,19 @@ class AsyncEngine:
         try:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
-            waiting = engine.get_num_waiting_requests()
-            if self.max_waiting is not None and waiting + len(command.prompts) > self.max_waiting:
-                raise QueueFullError(
-                    f"too many requests waiting ({waiting}, bound {self.max_waiting})"
-                )
+            running = engine.get_running_request_ids()
+            waiting_tokens = sum(
+                len(t.prompt_token_ids) for rid, t in self._tracked.items() if rid not in running
+            )
+            self.limits.check_admission(
+                engine.get_num_waiting_requests(),
+                waiting_tokens,
+                [len(ids) for ids in command.prompt_token_ids],
+            )
+            cap = self.limits.default_max_tokens
             prepared = [
-                prepare(engine, p, command.params, command.fill_max_tokens) for p in command.prompts
+                (ids, fit(engine, ids, command.params, command.fill_max_tokens, cap))
+                for ids in command.prompt_token_ids
             ]
         except Exception as exc:  # answered to the handler, which maps it to 4xx/5xx
             command.future.set_exception(exc)

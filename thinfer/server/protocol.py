@@ -19,6 +19,12 @@ from thinfer.server.errors import bad_request
 
 MAX_N = 128
 MAX_LOGPROBS = 20
+# Bounds on the work one request may ask for (each a 400 beyond it, never a retryable 429).
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_SEQUENCES = 512  # prompts x n
+MAX_STOP_STRINGS = 32  # each checked against the new text at every step
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 1024
 _INT64 = 2**63
 
 
@@ -57,6 +63,20 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     kv_compression: dict[str, Any] | None = None
+
+    def _check_bounds(self, prompts: int) -> None:
+        if prompts > MAX_PROMPTS:
+            raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request", "prompt")
+        if prompts * self.n > MAX_SEQUENCES:
+            message = f"n: prompts x n must be at most {MAX_SEQUENCES}, got {prompts * self.n}"
+            raise bad_request(message, "n")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            message = f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} chars"
+            raise bad_request(message, "stop")
+        if len(self.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
+            message = f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids"
+            raise bad_request(message, "stop_token_ids")
 
     def _check_common(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -126,6 +146,7 @@ class CompletionRequest(_SamplingFields):
     def to_sampling_params(self) -> SamplingParams:
         """Validated SamplingParams (raises APIError 400, or ValueError naming the field)."""
         self._check_common()
+        self._check_bounds(len(self.prompts()))
         if self.echo:
             raise bad_request("echo is not supported", "echo")
         if self.suffix:
@@ -193,6 +214,7 @@ class ChatCompletionRequest(_SamplingFields):
         """Validated SamplingParams; when no max is given, `max_tokens` is a placeholder that
         the engine thread replaces by the room left in the context."""
         self._check_common()
+        self._check_bounds(1)
         if self.tools:
             raise bad_request("tools are not supported", "tools")
         if self.tool_choice not in (None, "none"):

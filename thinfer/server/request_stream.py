@@ -61,7 +61,7 @@ class AddCommand:
     """Add one engine request per prompt, all or none; answered through `future`."""
 
     request_ids: list[str]
-    prompts: list[Prompt]
+    prompt_token_ids: list[list[int]]  # tokenized by the handler, off the engine thread
     params: SamplingParams
     fill_max_tokens: bool
     queue: asyncio.Queue

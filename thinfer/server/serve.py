@@ -49,6 +49,24 @@ def add_serve_parser(sub: Any) -> None:
         help="requests allowed to wait for admission; beyond it: HTTP 429 (default 1024)",
     )
     parser.add_argument(
+        "--max-waiting-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens allowed to wait for admission; beyond it: HTTP 429 (default: no bound)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds after which a running request is aborted (default: none)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens of a chat request that sets none (default: the room left in the context)",
+    )
+    parser.add_argument(
         "--kv-compression",
         default=None,
         help='default KV compression as JSON, e.g. \'{"method": "window", "budget": 1024}\'',
@@ -198,11 +216,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
     from thinfer.server.app import create_app
+    from thinfer.server.limits import ServerLimits
 
     _check_args(args)
     api_key = api_key_of(args)  # before loading: a bad key fails at once
     allowed_hosts = allowed_hosts_of(args, api_key)
     policy, default_compression = compression_policy_of(args)
+    limits = ServerLimits(
+        args.max_waiting_requests,
+        args.max_waiting_tokens,
+        args.request_timeout,
+        args.default_max_tokens,
+    )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     if args.threads is not None:
         import torch
@@ -219,6 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         stall_seconds=args.stall_seconds,
         compression_policy=policy,
+        limits=limits,
     )
     logger.info("serving %r on http://%s:%d", name, args.host, args.port)
     limits = {"limit_concurrency": args.limit_concurrency}
