@@ -110,3 +110,19 @@ def test_the_server_fails_that_stream_alone(tiny, poisoned_sampler):
             server.stop()
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
+
+
+def test_a_failed_request_is_counted_in_the_metrics(tiny, poisoned_sampler):
+    from fastapi.testclient import TestClient
+
+    from thinfer.server.app import create_app
+
+    app = create_app(with_engine(tiny, 64), "tiny")
+    body = {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+    with TestClient(app) as client:
+        bad = client.post("/v1/completions", json=body | {"top_k": POISON_TOP_K})
+        assert bad.status_code == 500 and "injected sampler fault" in bad.text
+        assert client.post("/v1/completions", json=body).status_code == 200
+        text = client.get("/metrics").text
+    assert 'vllm:request_success_total{finished_reason="error",model_name="tiny"} 1.0' in text
+    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text

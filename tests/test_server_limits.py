@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -98,3 +99,46 @@ def test_chat_default_max_tokens_and_off_thread_tokenizing(monkeypatch):
         r = client.post("/v1/chat/completions", json=body | {"max_tokens": 5})
         assert r.json()["usage"]["completion_tokens"] == 5
     assert threads and "thinfer-engine" not in threads
+
+
+def test_shutdown_during_a_long_step_still_ends_every_stream(tiny):
+    """The stats are published after each step; during the first, long step they still say
+    nothing is running. Shutdown must drain the live requests, so the stream ends with its
+    final (aborted) output before shutdown returns."""
+    engine = LLM(tiny.loaded, num_kv_blocks=256).engine
+    real_step = engine.step
+
+    def long_step():
+        time.sleep(1.5)
+        return real_step()
+
+    engine.step = long_step
+
+    async def main() -> None:
+        server = AsyncEngine(engine)
+        server.start()
+        try:
+            params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+            stream = await server.add(["r"], [[5, 6, 7]], params)
+            await asyncio.sleep(0.2)  # the first step is running
+            await server.shutdown(grace=0.0)
+            queue = stream._queue  # what the engine delivered before shutdown returned
+            items = [queue.get_nowait() for _ in range(queue.qsize())]
+            assert items and items[-1].finished
+            assert items[-1].outputs[0].finish_reason == "abort"
+        finally:
+            server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=60))
+
+
+def test_kv_pool_fraction_is_a_flag():
+    import argparse
+
+    from thinfer.cli_args import add_model_args, llm_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    assert llm_kwargs(parser.parse_args([]))["kv_cache_memory_fraction"] == 0.5
+    args = parser.parse_args(["--kv-cache-memory-fraction", "0.2"])
+    assert llm_kwargs(args)["kv_cache_memory_fraction"] == 0.2

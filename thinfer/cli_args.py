@@ -28,6 +28,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        default=0.5,
+        help="without --num-kv-blocks: share of the memory free after loading that the KV "
+        "pool takes (default 0.5; two servers on one machine need less each)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
     parser.add_argument(
         "--attention-backend",
@@ -71,5 +78,6 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
         fused_ops=FUSED_OPS_FLAG[args.fused_ops],
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         gemm_dataflow=args.gemm_dataflow,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +41,8 @@ from thinfer.server.request_stream import (
 )
 
 logger = logging.getLogger("thinfer.server")
+# How long shutdown waits for the step running now to end so that its aborts land.
+ABORT_WAIT_S = 30.0
 
 
 class AsyncEngine:
@@ -98,17 +101,20 @@ class AsyncEngine:
     async def shutdown(self, grace: float = 0.0) -> None:
         """Refuse new requests, let running ones finish for `grace` seconds, abort the rest.
 
-        Aborted streams end with a final output whose finish_reason is "abort". Idempotent.
+        Aborted streams end with a final output whose finish_reason is "abort". Reads the
+        engine thread's live set of requests, not the stats published after each step (stale
+        during a long step), and waits up to `ABORT_WAIT_S` for the step running now to end so
+        that the aborts land. Idempotent.
         """
         self._accepting = False
         deadline = time.monotonic() + grace
-        while self.stats.num_unfinished and time.monotonic() < deadline:
+        while self._tracked and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.stats.num_unfinished:
-            logger.info("shutdown: aborting %d unfinished request(s)", self.stats.num_unfinished)
+        if self._tracked:
+            logger.info("shutdown: aborting %d unfinished request(s)", len(self._tracked))
             self._post("*")
-            deadline = time.monotonic() + 5.0
-            while self.stats.num_unfinished and time.monotonic() < deadline:
+            deadline = time.monotonic() + ABORT_WAIT_S
+            while self._tracked and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -276,6 +282,8 @@ class AsyncEngine:
                 continue
             if out.error is not None:  # failed alone in this step; its batch mates go on
                 del self._tracked[out.request_id]
+                if self.on_output is not None:
+                    self.on_output(out, False)  # counted as an "error" finish
                 message = f"the engine failed this request: {out.error}"
                 deliveries.append((tracked.queue, StreamError(out.request_id, message)))
                 continue
@@ -293,7 +301,9 @@ class AsyncEngine:
         for request_id in request_ids:
             tracked = self._tracked.pop(request_id)
             try:
-                self.engine.abort_request(request_id)
+                out = self.engine.abort_request(request_id)
+                if out is not None and self.on_output is not None:
+                    self.on_output(dataclasses.replace(out, error=message), False)
             except Exception:
                 logger.exception("could not abort request %s", request_id)
             deliveries.append((tracked.queue, StreamError(request_id, message)))

@@ -127,8 +127,10 @@ class ServerMetrics:
         if not out.finished:
             return
         reason = out.outputs[0].finish_reason if out.outputs else None
+        if out.error is not None:
+            reason = "error"  # the engine failed it (alone, or with its step)
         self._success.labels(self.model_name, reason or "unknown").inc()
-        if reason == "abort":
+        if reason in ("abort", "error"):
             return
         self._peak_kv.observe(m.peak_kv_slots)
         if m.time_per_output_token is not None:

@@ -265,13 +265,15 @@ def serve_app(
     `limit_concurrency` and `timeout_keep_alive`."""
     import uvicorn
 
+    from thinfer.server.async_engine import ABORT_WAIT_S
+
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         lifespan="on",
-        timeout_graceful_shutdown=int(shutdown_grace) + 10,
+        timeout_graceful_shutdown=int(shutdown_grace + ABORT_WAIT_S) + 10,
         **(limits or {}),
     )
     server = _graceful_server(config, app.state.engine, shutdown_grace)
