@@ -4,6 +4,7 @@ loopback server, and a stuck engine step visible in /health and /metrics."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -144,3 +145,27 @@ def test_clients_name_registered_heads_never_paths(tmp_path):
         r = client.post("/v1/completions", json=ids | {"kv_compression": {"method": "full"}})
         assert r.status_code == 400 and "enforces its own" in r.text
         assert client.post("/v1/completions", json=ids).status_code == 200
+
+
+def test_connections_without_a_request_are_closed_but_streams_are_not():
+    server = ServerProcess(
+        "--timeout-idle-connection", "1", "--limit-concurrency", "16", "--num-kv-blocks", "64"
+    )
+    try:
+        partial = []
+        for _ in range(5):  # headers never finished (slowloris)
+            conn = socket.create_connection(("127.0.0.1", server.port))
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+            partial.append(conn)
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+        body = {"prompt": "Once upon a time", "max_tokens": 48, "stream": True}
+        body |= {"temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            text = "".join(r.iter_text())  # runs past the 1 s idle timeout
+        assert text.rstrip().endswith("data: [DONE]")
+        for conn in partial + silent:  # closed by the server: recv sees end of stream
+            conn.settimeout(5)
+            assert conn.recv(100) == b""
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()

@@ -113,6 +113,13 @@ def add_serve_parser(sub: Any) -> None:
         help="open connections beyond which new requests get 503 (default 1024)",
     )
     parser.add_argument(
+        "--timeout-idle-connection",
+        type=float,
+        default=10.0,
+        help="seconds a connection may stay open without a request in flight (no request yet, "
+        "headers still arriving, or idle between requests) before it is closed (default 10)",
+    )
+    parser.add_argument(
         "--timeout-keep-alive",
         type=int,
         default=5,
@@ -143,6 +150,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("max_body_bytes", "limit_concurrency", "timeout_keep_alive"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.timeout_idle_connection <= 0:
+        raise ValueError(
+            f"--timeout-idle-connection must be > 0, got {args.timeout_idle_connection}"
+        )
     if args.stall_seconds <= 0:
         raise ValueError(f"--stall-seconds must be > 0, got {args.stall_seconds}")
 
@@ -216,6 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
     from thinfer.server.app import create_app
+    from thinfer.server.connections import guarded_h11
     from thinfer.server.limits import ServerLimits
 
     _check_args(args)
@@ -247,8 +259,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
     )
     logger.info("serving %r on http://%s:%d", name, args.host, args.port)
-    limits = {"limit_concurrency": args.limit_concurrency}
+    limits: dict[str, Any] = {"limit_concurrency": args.limit_concurrency}
     limits["timeout_keep_alive"] = args.timeout_keep_alive
+    limits["http"] = guarded_h11(args.timeout_idle_connection)
     return serve_app(app, args.host, args.port, args.shutdown_grace, args.log_level, limits)
 
 
@@ -258,11 +271,12 @@ def serve_app(
     port: int,
     shutdown_grace: float = 5.0,
     log_level: str = "info",
-    limits: dict[str, int] | None = None,
+    limits: dict[str, Any] | None = None,
 ) -> int:
     """Run an app from `create_app` under uvicorn until SIGTERM / SIGINT; returns 0 after a
-    graceful shutdown (1 if the server could not start). `limits`: uvicorn's
-    `limit_concurrency` and `timeout_keep_alive`."""
+    graceful shutdown (1 if the server could not start). `limits`: uvicorn settings
+    (`limit_concurrency`, `timeout_keep_alive`, `http`: the protocol class, see
+    `thinfer.server.connections`)."""
     import uvicorn
 
     from thinfer.server.async_engine import ABORT_WAIT_S
