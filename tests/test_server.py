@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import httpx
 import openai
@@ -255,7 +257,9 @@ _compression = st.fixed_dictionaries(
     optional={
         "window": st.integers(-1, 10),
         "interval": st.integers(-1, 10),
-        "observation_window": st.integers(-1, 10),
+        "observation_window": st.integers(-1, 10) | st.just(10**9),
+        "pool_kernel": st.integers(-1, 9) | st.just(1_000_000_001),
+        "predictor": st.sampled_from(["/etc/passwd", "head", ""]),
         "sink_tokens": st.integers(-1, 6),
         "trigger": st.sampled_from(["native", "uniform", "?"]),
         "ratio": st.floats(-0.5, 1.5),
@@ -271,7 +275,7 @@ _fields = {
     "top_p": _mostly(st.floats(0.01, 1), st.sampled_from([0, 1.5])),
     "top_k": _mostly(st.integers(-1, 100_000), st.integers(-5, -2)),
     "min_p": _mostly(st.floats(0, 1), st.sampled_from([-0.1, 1.1])),
-    "repetition_penalty": _mostly(st.floats(0.01, 1e6), st.floats(-1, 0)),
+    "repetition_penalty": _mostly(st.floats(0.01, 1e6), st.sampled_from([-1, 0, 1e-300])),
     "seed": _mostly(st.integers(-(2**63), 2**63 - 1), st.integers(2**63, 2**65)),
     "stop": _mostly(
         st.text(min_size=1, max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=3),
@@ -281,7 +285,10 @@ _fields = {
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "min_tokens": _mostly(st.integers(0, 1), st.integers(-1, 5)),
     "ignore_eos": st.booleans(),
-    "stop_token_ids": _mostly(st.lists(st.integers(0, 60_000), max_size=3), st.just([-1])),
+    "stop_token_ids": _mostly(
+        st.lists(st.integers(0, 60_000), max_size=3),
+        st.sampled_from([[-1], [2**63 - 1], [2**64], list(range(49_152))]),
+    ),
     "kv_compression": _compression,
     "presence_penalty": _mostly(st.just(0), st.just(0.5)),
     "user": st.text(max_size=5),
@@ -332,13 +339,63 @@ def _request(draw: st.DrawFn) -> tuple[str, bytes]:
     return path, json.dumps(body).encode()
 
 
+class Bystander:
+    """Greedy streams run one after another while the fuzz runs; each must give the text it
+    gives alone, and no gap between its tokens may exceed a bound."""
+
+    BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 64, "temperature": 0}
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.reference, _ = self._once()
+        self.stop = threading.Event()
+        self.runs, self.max_gap, self.errors = 0, 0.0, []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _once(self) -> tuple[str, float]:
+        body = self.BODY | {"stream": True, "ignore_eos": True}
+        pieces, gap, last = [], 0.0, time.monotonic()
+        with httpx.stream(
+            "POST", f"{self.url}/v1/completions", json=body, headers=AUTH, timeout=120
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    now = time.monotonic()
+                    gap, last = max(gap, now - last), now
+                    pieces.extend(c["text"] for c in json.loads(line[6:])["choices"])
+        return "".join(pieces), gap
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                text, gap = self._once()
+            except Exception as exc:  # reported by finish()
+                self.errors.append(repr(exc))
+                return
+            if text != self.reference:
+                self.errors.append(f"text changed: {text!r} != {self.reference!r}")
+            self.runs, self.max_gap = self.runs + 1, max(self.max_gap, gap)
+
+    def finish(self) -> tuple[int, float]:
+        self.stop.set()
+        self.thread.join(timeout=120)
+        assert not self.errors, self.errors
+        return self.runs, self.max_gap
+
+
+@pytest.fixture(scope="module")
+def bystander(server) -> Bystander:
+    return Bystander(server.url)
+
+
 @settings(
     max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(case=_request())
-def test_fuzzed_bodies_never_get_a_5xx(server, case):
+def test_fuzzed_bodies_never_get_a_5xx(server, bystander, case):
     path, body = case
     with httpx.Client(timeout=120) as http:
         headers = AUTH | {"Content-Type": "application/json"}
@@ -351,7 +408,10 @@ def test_fuzzed_bodies_never_get_a_5xx(server, case):
         assert r.status_code in (400, 413, 429) and r.json()["error"]["message"]
 
 
-def test_server_healthy_and_idle_after_fuzzing(server):
+def test_server_healthy_and_idle_after_fuzzing(server, bystander):
+    runs, max_gap = bystander.finish()
+    assert runs >= 1  # every greedy stream during the fuzz matched the one run alone
+    assert max_gap < 10.0, f"a step took {max_gap:.1f} s"  # per-step time stayed bounded
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
     assert wait_until_idle(server.url)["thinfer:kv_blocks_in_use"] == 0
     assert metrics(server.url)["thinfer:kv_blocks_total"] == 512
