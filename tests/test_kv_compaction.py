@@ -170,3 +170,27 @@ def test_slot_order_keep_rule_equals_the_position_order_rule(n, per_head, data):
     held = sources(plan, n).sort(dim=-1).values
     assert torch.equal(held, kept.sort(dim=-1).values)
     assert plan.dst.shape[-1] <= n - kept.shape[-1]
+
+
+@pytest.mark.parametrize("pool_blocks", [8, 4096])
+def test_reading_a_sequences_keys_costs_the_sequence_not_the_pool(pool_blocks):
+    """SnapKV and R-KV read a sequence's keys layer by layer through `layer_keys`; the
+    largest allocation it makes must be the sequence's size whatever the pool's size (once,
+    a non-contiguous index_select copied the whole K half of the pool per call)."""
+    from thinfer.engine.kv_cache import KVCache
+    from thinfer.engine.sequence import Sequence
+    from thinfer.loading.dummy import preset_config
+    from thinfer.sampling_params import SamplingParams
+
+    cfg = preset_config("tiny")
+    kv = KVCache(cfg, pool_blocks, 16, torch.float32, torch.device("cpu"))
+    seq = Sequence(0, "r", 0, [1] * 20, SamplingParams(), None)
+    kv.append_slots(seq, 20)
+    seq.kv_len = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:  # fmt: skip
+        keys = kv.layer_keys(seq, 1)
+    assert keys.shape[0] == 20
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    per_block = 16 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert largest <= 2 * per_block, (largest, per_block)  # its 2 blocks, not the pool's
