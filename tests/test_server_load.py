@@ -181,3 +181,44 @@ def test_sigterm_ends_streams_with_a_final_chunk_and_exits_0():
         assert final["finish_reason"] in ("abort", "length")
     finally:
         proc.stop()
+
+
+def test_sigterm_during_a_long_step_still_ends_streams_and_exits_soon():
+    """SIGTERM lands while a long prefill step runs: shutdown must drain the engine's live
+    requests (not a stale snapshot), so the stream still gets its final chunk, and the
+    process exits without waiting out its timeouts."""
+    proc = ServerProcess("--num-kv-blocks", "512", "--shutdown-grace", "0")
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=120) as http:
+            body = {**_completion_body(1000), "model": None}
+            with http.stream("POST", f"{proc.url}/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line[len("data: ") :])
+                        started.set()
+
+    def long_prompt() -> None:
+        body = {"prompt": [5] * 1900, "max_tokens": 2, "temperature": 0}
+        try:
+            httpx.post(f"{proc.url}/v1/completions", json=body, timeout=120)
+        except httpx.TransportError:
+            pass  # cut by the shutdown: fine, it is not the stream under test
+
+    try:
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(timeout=120)
+        threading.Thread(target=long_prompt, daemon=True).start()
+        time.sleep(0.5)  # its prefill (~1900 tokens in one step) is running
+        stopped_at = time.monotonic()
+        proc.terminate()
+        reader.join(timeout=60)
+        assert proc.proc.wait(timeout=60) == 0, proc.output()
+        assert time.monotonic() - stopped_at < 15
+        assert lines[-1] == "[DONE]"
+        assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "abort"
+    finally:
+        proc.stop()
