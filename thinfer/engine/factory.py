@@ -15,6 +15,7 @@ import torch
 from thinfer.attention.backend import select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
+from thinfer.engine.cpu_malloc import tune_malloc_for_decode
 from thinfer.engine.kv_cache import KVCache, auto_num_blocks
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.loading import load_checkpoint
@@ -119,6 +120,8 @@ def build_engine(
         )
     max_model_len = config.max_model_len or context
     dev, torch_dtype = loaded.device, loaded.dtype
+    if dev.type == "cpu":
+        tune_malloc_for_decode()  # no page-fault cliff once contexts grow (see cpu_malloc)
     backend = select_backend(config.attention_backend, dev)
     loaded.net.set_attention_backend(backend)
     loaded.net.set_layer_ops(select_layer_ops(config.fused_ops, backend, dev))
