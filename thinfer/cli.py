@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     from thinfer.bench.cli import add_bench_parser
     from thinfer.dynts.cli import add_dynts_parser
     from thinfer.eval.cli import add_eval_parser
-    from thinfer.server.serve import add_serve_parser
+    from thinfer.server.serve_args import add_serve_parser
 
     add_bench_parser(sub)
     add_dynts_parser(sub)

@@ -11,7 +11,8 @@ import dataclasses
 
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.sampling_params import SamplingParams
-from thinfer.server.request_stream import ChatPrompt, Prompt
+from thinfer.server.limits import ServerLimits
+from thinfer.server.request_stream import AddCommand, ChatPrompt, Prompt
 
 
 def tokenize(engine: LLMEngine, prompt: Prompt) -> list[int]:
@@ -47,3 +48,20 @@ def fit(
         params = dataclasses.replace(params, max_tokens=max(1, room, params.min_tokens))
     engine.validate(len(ids), params)  # also loads and checks a DynTS predictor
     return params
+
+
+def admit(
+    engine: LLMEngine, limits: ServerLimits, waiting_prompt_tokens: int, command: AddCommand
+) -> list[tuple[list[int], SamplingParams]]:
+    """(ids, params) per prompt of an add, within `limits` (QueueFullError beyond them) and
+    validated as the engine would (ValueError); in the engine thread."""
+    limits.check_admission(
+        engine.get_num_waiting_requests(),
+        waiting_prompt_tokens,
+        [len(ids) for ids in command.prompt_token_ids],
+    )
+    cap = limits.default_max_tokens
+    return [
+        (ids, fit(engine, ids, command.params, command.fill_max_tokens, cap))
+        for ids in command.prompt_token_ids
+    ]

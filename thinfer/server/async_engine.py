@@ -27,7 +27,7 @@ from collections.abc import Callable
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.outputs import RequestOutput
 from thinfer.sampling_params import SamplingParams
-from thinfer.server.admission import fit, tokenize
+from thinfer.server.admission import admit, tokenize
 from thinfer.server.limits import ServerLimits
 from thinfer.server.request_stream import (
     AddCommand,
@@ -38,6 +38,8 @@ from thinfer.server.request_stream import (
     StreamError,
     Tracked,
     aborted_output,
+    deliver,
+    engine_stats,
 )
 
 logger = logging.getLogger("thinfer.server")
@@ -107,15 +109,17 @@ class AsyncEngine:
         that the aborts land. Idempotent.
         """
         self._accepting = False
-        deadline = time.monotonic() + grace
-        while self._tracked and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._drain(grace)
         if self._tracked:
             logger.info("shutdown: aborting %d unfinished request(s)", len(self._tracked))
             self._post("*")
-            deadline = time.monotonic() + ABORT_WAIT_S
-            while self._tracked and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await self._drain(ABORT_WAIT_S)
+
+    async def _drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for the engine thread to have no request left."""
+        deadline = time.monotonic() + seconds
+        while self._tracked and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the engine thread (requests still in it are aborted) and wait for it."""
@@ -141,8 +145,7 @@ class AsyncEngine:
         """
         if not (self._accepting and self.is_alive):
             raise ShuttingDownError("the server is shutting down")
-        engine = self.engine
-        ids = await asyncio.to_thread(lambda: [tokenize(engine, p) for p in prompts])
+        ids = await asyncio.to_thread(lambda: [tokenize(self.engine, p) for p in prompts])
         queue: asyncio.Queue = asyncio.Queue()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._post(AddCommand(request_ids, ids, params, fill_max_tokens, queue, future))
@@ -219,19 +222,8 @@ class AsyncEngine:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down")
             running = engine.get_running_request_ids()
-            waiting_tokens = sum(
-                len(t.prompt_token_ids) for rid, t in self._tracked.items() if rid not in running
-            )
-            self.limits.check_admission(
-                engine.get_num_waiting_requests(),
-                waiting_tokens,
-                [len(ids) for ids in command.prompt_token_ids],
-            )
-            cap = self.limits.default_max_tokens
-            prepared = [
-                (ids, fit(engine, ids, command.params, command.fill_max_tokens, cap))
-                for ids in command.prompt_token_ids
-            ]
+            waiting = [t.prompt_token_ids for rid, t in self._tracked.items() if rid not in running]
+            prepared = admit(engine, self.limits, sum(map(len, waiting)), command)
         except Exception as exc:  # answered to the handler, which maps it to 4xx/5xx
             command.future.set_exception(exc)
             return
@@ -309,27 +301,8 @@ class AsyncEngine:
             deliveries.append((tracked.queue, StreamError(request_id, message)))
 
     def _publish_stats(self) -> None:
-        engine = self.engine
-        self.stats = EngineStats(
-            num_running=engine.get_num_running_requests(),
-            num_waiting=engine.get_num_waiting_requests(),
-            num_unfinished=len(self._tracked),
-            kv_blocks_used=engine.kv_cache.num_used_blocks,
-            kv_blocks_total=engine.kv_cache.num_usable_blocks,
-            prompt_tokens_total=engine.num_prompt_tokens_total,
-            generation_tokens_total=engine.num_generated_tokens_total,
-            preemptions_total=engine.num_preemptions,
-        )
+        self.stats = engine_stats(self.engine, len(self._tracked))
 
     def _deliver(self, deliveries: list[tuple[asyncio.Queue, object]]) -> None:
-        if not deliveries or self._loop is None:
-            return
-        try:
-            self._loop.call_soon_threadsafe(_put_all, deliveries)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-
-def _put_all(deliveries: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in deliveries:
-        queue.put_nowait(item)
+        if deliveries and self._loop is not None:
+            deliver(self._loop, deliveries)

@@ -10,9 +10,13 @@ import asyncio
 import concurrent.futures
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from thinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from thinfer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from thinfer.engine.llm_engine import LLMEngine
 
 
 class QueueFullError(Exception):
@@ -107,3 +111,33 @@ def aborted_output(request_id: str, tracked: Tracked, now: float) -> RequestOutp
     ]
     metrics = RequestMetrics(arrival_time=tracked.arrival, finished_time=now)
     return RequestOutput(request_id, None, tracked.prompt_token_ids, completions, True, metrics)
+
+
+def engine_stats(engine: LLMEngine, num_unfinished: int) -> EngineStats:
+    """A snapshot of `engine` (call in the engine thread)."""
+    return EngineStats(
+        num_running=engine.get_num_running_requests(),
+        num_waiting=engine.get_num_waiting_requests(),
+        num_unfinished=num_unfinished,
+        kv_blocks_used=engine.kv_cache.num_used_blocks,
+        kv_blocks_total=engine.kv_cache.num_usable_blocks,
+        prompt_tokens_total=engine.num_prompt_tokens_total,
+        generation_tokens_total=engine.num_generated_tokens_total,
+        preemptions_total=engine.num_preemptions,
+    )
+
+
+def deliver(
+    loop: asyncio.AbstractEventLoop, deliveries: list[tuple[asyncio.Queue, object]]
+) -> None:
+    """Put each (queue, item) on its queue from another thread, in one loop callback (a closed
+    loop means nobody listens any more: dropped)."""
+
+    def put_all() -> None:
+        for queue, item in deliveries:
+            queue.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:
+        pass
