@@ -55,6 +55,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="fused Triton kernels for add+RMSNorm, RoPE, SiLU-mul; auto = with triton attention",
     )
     parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int4"],
+        help="int4: group-wise int4 weights for the linear layers (CPU, fp32; default none)",
+    )
+    parser.add_argument(
         "--gemm-dataflow",
         default=None,
         metavar="TABLE",
@@ -80,4 +86,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         fused_ops=FUSED_OPS_FLAG[args.fused_ops],
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         gemm_dataflow=args.gemm_dataflow,
+        quantization=None if args.quantization == "none" else args.quantization,
     )

@@ -35,7 +35,8 @@ class LLM:
     the decoder's small ops through fused Triton kernels: "auto" (default) exactly with the
     triton attention backend, True or False to force them on or off. `gemm_dataflow` is a
     table from `thinfer bench gemm-dataflow` choosing the kernel of each linear layer per
-    batch size (None: cuBLAS everywhere).
+    batch size (None: cuBLAS everywhere). `quantization="int4"` runs the linear layers on
+    group-wise int4 weights on the CPU (see `thinfer.models.int4`; None: as loaded).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class LLM:
         cuda_graphs: bool = True,
         fused_ops: str | bool = "auto",
         gemm_dataflow: str | None = None,
+        quantization: str | None = None,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -74,7 +76,12 @@ class LLM:
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             select_layer_ops(config.fused_ops, select_backend(config.attention_backend, dev), dev)
         loaded = resolve_model(
-            model, dtype=dtype, device=device, load_format=load_format, seed=seed
+            model,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,
+            seed=seed,
+            quantization=quantization,
         )
         self.loaded = loaded
         self.engine = build_engine(loaded, config, kv_compression=kv_compression)

@@ -22,7 +22,13 @@ from thinfer.loading import load_checkpoint
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.models import build_model
 from thinfer.models.fused import select_layer_ops
-from thinfer.models.linear import gemm_table, pack_linears, set_gemm_dataflow
+from thinfer.models.linear import (
+    QUANTIZATIONS,
+    gemm_table,
+    pack_linears,
+    quantize_linears,
+    set_gemm_dataflow,
+)
 from thinfer.models.llama import LlamaForCausalLM
 
 
@@ -61,11 +67,23 @@ def load_model(
     device: str | torch.device | None = None,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load `model` (a HF directory, a GGUF file, a dummy preset with `load_format="dummy"`,
-    or None for the embedded SmolLM2-135M GGUF); dummy weights are drawn from `seed`."""
+    or None for the embedded SmolLM2-135M GGUF); dummy weights are drawn from `seed`.
+    `quantization="int4"` runs the linear layers on int4 weights (CPU, fp32; see
+    `thinfer.models.int4`)."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization: unknown method {quantization!r}; use None or one of {QUANTIZATIONS}"
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, dev)
+    if quantization is not None and (dev.type != "cpu" or torch_dtype != torch.float32):
+        raise ValueError(
+            f"quantization {quantization!r} runs fp32 models on the CPU, got {torch_dtype} on "
+            f"{dev.type}"
+        )
     checkpoint = load_checkpoint(model, load_format)
     net = build_model(checkpoint.config, torch_dtype, dev)
     if checkpoint.tensors is None:
@@ -74,6 +92,8 @@ def load_model(
         net.load_weights(checkpoint.tensors())
     net.eval()
     pack_linears(net)
+    if quantization is not None:
+        quantize_linears(net, quantization)
     return LoadedModel(net, checkpoint.tokenizer, checkpoint.source)
 
 
@@ -84,13 +104,23 @@ def resolve_model(
     device: str | torch.device | None = None,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> LoadedModel:
-    """`model` itself when already loaded (then dtype, device and load_format must stay at
-    their defaults: ValueError otherwise), else `load_model(model, ...)`."""
+    """`model` itself when already loaded (then dtype, device, load_format and quantization
+    must stay at their defaults: ValueError otherwise), else `load_model(model, ...)`."""
     if not isinstance(model, LoadedModel):
-        return load_model(model, dtype=dtype, device=device, load_format=load_format, seed=seed)
-    if (dtype, device, load_format) != ("auto", None, "auto"):
-        raise ValueError("dtype, device and load_format apply when loading, not to a loaded model")
+        return load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            load_format=load_format,
+            seed=seed,
+            quantization=quantization,
+        )
+    if (dtype, device, load_format, quantization) != ("auto", None, "auto", None):
+        raise ValueError(
+            "dtype, device, load_format and quantization apply when loading, not to a loaded model"
+        )
     return model
 
 
