@@ -68,6 +68,16 @@ def test_bench_throughput(tmp_path):
         assert 0.0 <= run["token_agreement"] <= 1.0
 
 
+def test_bench_throughput_with_int4_reuses_the_quantized_model(tmp_path):
+    argv = ["bench", "throughput", "--model", "tiny", "--load-format", "dummy", "--peer", "none"]
+    argv += ["--quantization", "int4", "--num-prompts", "2", "--max-tokens", "3"]
+    argv += ["--batch-sizes", "1,2", "--threads", "1", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0  # one engine per batch size over the one quantized model
+    data = _only(tmp_path, "throughput")
+    assert [run["thinfer"]["tokens"] for run in data["runs"]] == [6, 6]
+    assert "int4" in data["command_line"]
+
+
 def test_bench_latency(tmp_path):
     argv = [
         "bench",

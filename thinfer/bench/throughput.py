@@ -61,8 +61,9 @@ def thinfer_generate_tokens(
 
 def engine_settings(kwargs: dict[str, object]) -> dict[str, object]:
     """`LLM(...)` keyword arguments without those that load the model (model, dtype, device,
-    load_format): what an LLM over an already loaded model takes."""
-    return {k: v for k, v in kwargs.items() if k not in ("model", "dtype", "device", "load_format")}
+    load_format, quantization): what an LLM over an already loaded model takes."""
+    loading = ("model", "dtype", "device", "load_format", "quantization")
+    return {k: v for k, v in kwargs.items() if k not in loading}
 
 
 def _entry(tokens: int, seconds: float) -> dict[str, float]:
