@@ -20,6 +20,7 @@ from thinfer.models.int4 import (
     int4_supported,
     quantize_int4,
 )
+from thinfer.models.int8 import dequantize_int8_reference, int8_supported
 from thinfer.models.linear import Linear, quantize_linears
 
 
@@ -59,19 +60,26 @@ def test_kernel_matches_its_reference(rows):
 def test_only_what_the_kernel_takes_is_quantized():
     model = torch.nn.Module()
     model.proj = Linear(64, 32)
-    model.odd = Linear(40, 8)  # K not a multiple of 32: stays fp32
-    model.lm_head = Linear(64, 100)  # the output layer keeps its precision
-    for module in (model.proj, model.odd, model.lm_head):
+    model.odd = Linear(48, 8)  # K not a multiple of 32: no int4, int8 (K % 16 == 0)
+    model.odder = Linear(40, 8)  # K not a multiple of 16: neither kernel, stays fp32
+    model.lm_head = Linear(64, 100)  # the output layer: int8, finer than int4
+    for module in (model.proj, model.odd, model.odder, model.lm_head):
         module.weight.data.normal_()
-    assert quantize_linears(model, "int4") == 1
-    assert model.proj._int4 is not None and model.odd._int4 is None
-    assert model.lm_head._int4 is None
-    assert not int4_supported(torch.zeros(8, 40))
+    assert quantize_linears(model, "int4") == 3
+    kinds = [m.quantized[0] for m in (model.proj, model.odd, model.lm_head)]
+    assert kinds == ["int4", "int8", "int8"]  # int8 where int4 cannot or should not go
+    assert not int4_supported(torch.zeros(8, 48)) and not int8_supported(torch.zeros(8, 40))
     x = torch.randn(3, 64)
     expected = F.linear(x, dequantize_int4_reference(model.proj.weight))
     assert (model.proj(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert model.odder.quantized is None
+    x = torch.randn(3, 48)
+    expected = F.linear(x, dequantize_int8_reference(model.odd.weight))
+    assert (model.odd(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
     model.proj.unpack()  # editing weights drops the quantized copy
-    assert model.proj._int4 is None
+    assert model.proj.quantized is None
+    assert quantize_linears(model, "int8") == 3
+    assert {m.quantized[0] for m in (model.proj, model.odd, model.lm_head)} == {"int8"}
 
 
 def test_bad_settings_are_refused():
@@ -85,14 +93,16 @@ def test_bad_settings_are_refused():
     assert llm_kwargs(parser.parse_args(["--quantization", "int4"]))["quantization"] == "int4"
 
 
-def test_default_model_keeps_its_text_with_int4(llm):
-    """SmolLM2's GGUF is Q4_1, so int4 serves its own weights; only bf16 rounding of the
-    activations differs. Greedy agreement is reported, the first tokens must match."""
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_default_model_keeps_its_text(llm, method):
+    """SmolLM2's GGUF is Q4_1, so int4 serves its own weights (int8, a finer grid, nearly);
+    bf16 activations and the int8 lm_head differ a little. Greedy agreement is reported, the
+    first tokens must match."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = ["The capital of France is", "Photosynthesis is the process by which"]
-    int4 = LLM(quantization="int4", num_kv_blocks=64)
+    quantized = LLM(quantization=method, num_kv_blocks=64)
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    got = [o.outputs[0].token_ids for o in int4.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in quantized.generate(prompts, params)]
     same = sum(a == b for x, y in zip(expected, got) for a, b in zip(x, y))
-    print(f"int4 greedy agreement with fp32: {same}/{sum(map(len, expected))}")
+    print(f"{method} greedy agreement with fp32: {same}/{sum(map(len, expected))}")
     assert all(x[:4] == y[:4] for x, y in zip(expected, got))

@@ -57,8 +57,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantization",
         default="none",
-        choices=["none", "int4"],
-        help="int4: group-wise int4 weights for the linear layers (CPU, fp32; default none)",
+        choices=["none", "int4", "int8"],
+        help="weight-only quantization of the linear layers (CPU, fp32): int4 (lm_head in "
+        "int8) or int8 (default none)",
     )
     parser.add_argument(
         "--gemm-dataflow",

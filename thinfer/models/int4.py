@@ -11,10 +11,11 @@ The default model's GGUF is Q4_1, whose blocks are exactly this (32 values along
 d and a min m, w = d * q + m): quantizing its dequantized weights recovers d and m from each
 block's min and max wherever the block uses codes 0 and 15, so int4 serves the file's own
 weights. The matmul runs on bf16 activations and bf16 scales (the kernel's fast path), so
-outputs differ from fp32 by bf16 rounding (~0.5% relative). lm_head stays fp32: SmolLM2's
-is tied to the embeddings, which the GGUF stores at higher precision (int4 put 16% error
-on its logits). The fp32 weights are kept. Measured on the dev machine (2 cores, batch 1):
-a [960, 576] projection 0.047 ms in fp32 vs 0.022 ms in int4, [576, 1536] 0.066 vs 0.032.
+outputs differ from fp32 by bf16 rounding (~0.5% relative). lm_head gets int8 instead
+(`thinfer.models.int8`): SmolLM2's is tied to the embeddings, which the GGUF stores at
+higher precision (int4 put 16% error on its logits). The fp32 weights are kept. Measured on
+the dev machine (2 cores, batch 1): a [960, 576] projection 0.047 ms in fp32 vs 0.022 ms
+in int4, [576, 1536] 0.066 vs 0.032.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from torch import nn
 
 from thinfer.kernels.gemm_dataflow import DataflowTable, load_table
 from thinfer.models.int4 import int4_linear, int4_supported, quantize_int4
+from thinfer.models.int8 import int8_linear, int8_supported, quantize_int8
 
-QUANTIZATIONS = ("int4",)
+QUANTIZATIONS = ("int4", "int8")
 
 
 class Linear(nn.Module):
@@ -32,8 +33,8 @@ class Linear(nn.Module):
         self._packed: torch.Tensor | None = None
         # The kernel per batch size (`set_gemm_dataflow`); None: the paths below.
         self.dataflow: DataflowTable | None = None
-        # int4 codes and (scale, zero) per group (`quantize_linears`); None: fp32 weights.
-        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Quantized weights (`quantize_linears`): ("int4" | "int8", codes, scales); None: fp32.
+        self.quantized: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to x [..., in_features]."""
@@ -42,8 +43,10 @@ class Linear(nn.Module):
             choice = self.dataflow.choose(out_features, in_features, x.shape[0])
             if choice.impl != "cublas":
                 return choice.run(x, self.weight, self.bias)
-        if self._int4 is not None and x.dim() == 2 and x.dtype == torch.float32:
-            return int4_linear(x, *self._int4, self.bias)
+        if self.quantized is not None and x.dim() == 2 and x.dtype == torch.float32:
+            kind, codes, scales = self.quantized
+            run = int4_linear if kind == "int4" else int8_linear
+            return run(x, codes, scales, self.bias)
         if self._packed is not None and x.dim() == 2:
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed, self.bias, "none", [], ""
@@ -67,7 +70,7 @@ class Linear(nn.Module):
     def unpack(self) -> None:
         """Drop the packed and quantized copies (call after changing `weight`)."""
         self._packed = None
-        self._int4 = None
+        self.quantized = None
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -117,23 +120,29 @@ def set_gemm_dataflow(model: nn.Module, table: DataflowTable | None) -> None:
 
 
 def quantize_linears(model: nn.Module, method: str) -> int:
-    """Quantize every `Linear` of `model` but `lm_head` whose shape the kernel takes (see
-    `thinfer.models.int4`); returns how many. ValueError for an unknown method, a weight not
-    in fp32 or not on the CPU."""
+    """Quantize the `Linear`s of `model`: under "int4", int4 where the kernel takes the shape
+    and int8 elsewhere and for `lm_head` (see `thinfer.models.int4`); under "int8", int8
+    everywhere. Returns how many were quantized. ValueError for an unknown method, a weight
+    not in fp32 or not on the CPU."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization: unknown method {method!r}; use one of {QUANTIZATIONS}")
     count = 0
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or name.split(".")[-1] == "lm_head":
-            continue  # the output layer keeps its precision (see thinfer.models.int4)
-        weight = module.weight
+        if not isinstance(module, Linear):
+            continue
+        weight = module.weight.detach()
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             raise ValueError(
                 f"quantization {method!r} runs fp32 models on the CPU, got {weight.dtype} on "
                 f"{weight.device.type}"
             )
-        if int4_supported(weight):
-            module._int4 = quantize_int4(weight.detach())
-            module._packed = None  # the int4 path replaces the oneDNN copy
-            count += 1
+        output_layer = name.split(".")[-1] == "lm_head"
+        if method == "int4" and not output_layer and int4_supported(weight):
+            module.quantized = ("int4", *quantize_int4(weight))
+        elif int8_supported(weight):
+            module.quantized = ("int8", *quantize_int8(weight))
+        else:
+            continue
+        module._packed = None  # the quantized path replaces the oneDNN copy
+        count += 1
     return count
