@@ -117,6 +117,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "load_format": args.load_format,
         "device": str(device),
         "dtype": str(next(llm.engine.model.parameters()).dtype).removeprefix("torch."),
+        "quantization": args.quantization,
         "peer": args.peer,
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
