@@ -39,14 +39,20 @@ def int4_supported(weight: torch.Tensor) -> bool:
     )
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed codes, scales_and_zeros [K / GROUP, N, 2] fp32) of a weight [N, K]."""
+def _group_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K / GROUP, GROUP] in [0, 15], scale and zero [N, K / GROUP]), fp32."""
     n, k = weight.shape
     groups = weight.float().reshape(n, k // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
     codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15)
-    zero = low + 8 * scale
+    return codes, scale, low + 8 * scale
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, scales_and_zeros [K / GROUP, N, 2] bf16) of a weight [N, K]."""
+    n, k = weight.shape
+    codes, scale, zero = _group_codes(weight)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         codes.reshape(n, k).to(torch.int32), _INNER_K_TILES
     )
@@ -56,12 +62,8 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int4_reference(weight: torch.Tensor) -> torch.Tensor:
     """The weight the int4 codes stand for, in fp32, with fp32 scales (torch reference)."""
-    n, k = weight.shape
-    groups = weight.float().reshape(n, k // GROUP, GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15)
-    return ((codes - 8) * scale[..., None] + (low + 8 * scale)[..., None]).reshape(n, k)
+    codes, scale, zero = _group_codes(weight)
+    return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(weight.shape)
 
 
 def int4_linear(

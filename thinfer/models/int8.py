@@ -26,17 +26,22 @@ def int8_supported(weight: torch.Tensor) -> bool:
     )
 
 
+def _row_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] in [-127, 127], scales [N]), fp32."""
+    scale = (weight.float().abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(weight.float() / scale[:, None]).clamp_(-127, 127), scale
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [N, K], bf16 scales [N]) of a weight [N, K]."""
-    scale = (weight.float().abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.round(weight.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return codes.contiguous(), scale.to(COMPUTE_DTYPE)
+    codes, scale = _row_codes(weight)
+    return codes.to(torch.int8).contiguous(), scale.to(COMPUTE_DTYPE)
 
 
 def dequantize_int8_reference(weight: torch.Tensor) -> torch.Tensor:
     """The weight the int8 codes stand for, in fp32 with fp32 scales (torch reference)."""
-    scale = (weight.float().abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.round(weight.float() / scale[:, None]).clamp_(-127, 127) * scale[:, None]
+    codes, scale = _row_codes(weight)
+    return codes * scale[:, None]
 
 
 def int8_linear(

@@ -191,11 +191,7 @@ class AsyncEngine:
                 if stopping or expired:
                     self._abort(list(self._tracked) if stopping else expired, deliveries)
                 if not stopping and self._tracked:
-                    self._step_started = time.monotonic()
-                    try:
-                        self._step(deliveries)
-                    finally:
-                        self._step_started = None
+                    self._step(deliveries)
             except Exception:  # a bug here must not kill the thread
                 logger.exception("engine thread: unexpected error")
             self._publish_stats()
@@ -259,6 +255,7 @@ class AsyncEngine:
         if not self.engine.has_unfinished_requests():  # never expected: do not spin on them
             self._fail(list(self._tracked), "the engine lost this request", deliveries)
             return
+        self._step_started = time.monotonic()  # read live by /health and /metrics
         try:
             outputs = self.engine.step()
         except Exception as exc:
@@ -268,6 +265,8 @@ class AsyncEngine:
             message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
             self._fail(failed, message, deliveries)
             return
+        finally:
+            self._step_started = None
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
