@@ -1,15 +1,53 @@
-"""Test helper: run the compression selection (schedule + scores + keep rule) on a hand-made
-slot state whose slots are in token order, and return the kept slot indices."""
+"""Test helpers: run the compression selection (schedule + scores + keep rule) on a hand-made
+slot state whose slots are in token order, and return the kept slot indices; every built-in
+method x schedule x scoring mode as request configs (`combos`, `config_for`)."""
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from thinfer.compression import CompressionConfig
+from thinfer.compression import METHODS, CompressionConfig
+from thinfer.compression.method import method_class
 from thinfer.compression.selection import SequenceView, select_slots
 from thinfer.compression.slot_state import SlotState
+from thinfer.dynts import ImportancePredictor, save_predictor
+
+MAX_TOKENS = 40  # enough for every method to evict at BUDGET with the test prompts
+BUDGET = 24
+
+
+def combos() -> list[tuple[str, str, str]]:
+    """Every built-in method (but the full cache) x schedule x the scoring modes it has."""
+    method_class("full")  # registers the built-ins
+    found = []
+    for name, cls in METHODS.items():
+        if name == "full":
+            continue
+        scorings = ("per_head", "shared") if cls.per_head else ("shared",)
+        found += [(name, t, s) for t, s in itertools.product(("native", "uniform"), scorings)]
+    return found
+
+
+def write_random_predictor(directory: Path, llm: Any) -> str:
+    """A DynTS head with random weights (seed 0) for `llm`'s model, saved in `directory`."""
+    torch.manual_seed(0)
+    path = directory / "head.safetensors"
+    save_predictor(ImportancePredictor(llm.model_config.hidden_size), str(path))
+    return str(path)
+
+
+def config_for(method: str, trigger: str, scoring: str, predictor: str) -> dict:
+    config = {"method": method, "budget": BUDGET, "trigger": trigger, "scoring": scoring}
+    config["window"] = 6 if trigger == "uniform" or method in ("h2o", "sepllm") else None
+    if method in ("snapkv", "rkv"):
+        config.update(interval=8, observation_window=4)
+    if method == "dynts":
+        config.update(predictor=predictor, think_end_token_ids=[13])  # "." ends thinking
+    return config
 
 
 def make_state(

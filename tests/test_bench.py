@@ -133,6 +133,41 @@ def test_bench_compaction(tmp_path, capsys):
     assert "--budgets" in capsys.readouterr().err
 
 
+def test_bench_matmul(tmp_path, capsys):
+    argv = ["bench", "matmul", "--shapes", "48x80", "--max-m", "4", "--repeats", "1"]
+    argv += ["--warmup", "0", "--device", "cpu", "--threads", "1"]
+    assert main(argv + ["--output-dir", str(tmp_path)]) == 0
+    data = _only(tmp_path, "matmul")
+    assert data["m"] == [1, 2, 4] and data["dtype"] == "float32"
+    entry = data["shapes"]["48x80"]
+    assert entry["n"] == 48 and entry["k"] == 80 and entry["tile_rows"][0] in (1, 16)
+    assert {"invariant", "default"} <= set(entry["kernels"]) <= {"invariant", "default", "mkl"}
+    for timing in entry["kernels"].values():
+        assert len(timing["tflops"]) == 3 and all(t > 0 for t in timing["tflops"])
+    assert len(entry["ratio_invariant_over_default"]) == 3
+    assert entry["invariance"]["invariant"] == {
+        "row0_invariant": True,
+        "row0_changed_at_m": [],
+        "rows_changed_at_m": [],
+    }
+    assert main(["bench", "matmul", "--shapes", "48xy"]) == 2
+    assert "--shapes" in capsys.readouterr().err
+
+
+def test_bench_determinism(tmp_path):
+    argv = ["bench", "determinism", "--batch-sizes", "1,2", "--output-len", "4", "--runs", "3"]
+    argv += ["--completion-len", "6", "--max-mates", "2", "--num-kv-blocks", "256"]
+    assert main(argv + ["--output-dir", str(tmp_path)]) == 0
+    data = _only(tmp_path, "determinism")
+    assert set(data["throughput_tokens_per_s"]) == {"1", "2"}
+    row = data["throughput_tokens_per_s"]["2"]
+    assert row["default"] > 0 and row["ratio"] == pytest.approx(
+        row["deterministic"] / row["default"]
+    )
+    assert data["distinct"]["deterministic"] == {"distinct_completions": 1, "distinct_logprobs": 1}
+    assert data["runs"] == 3
+
+
 def test_bench_bad_batch_sizes(tmp_path, capsys):
     argv = ["bench", "throughput", "--batch-sizes", "1,x", "--output-dir", str(tmp_path)]
     assert main(argv) == 2

@@ -5,54 +5,24 @@ no leaked blocks. A toy method registered here runs through the server and `thin
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 
 import pytest
 import torch
+from compression_utils import MAX_TOKENS, combos, config_for, write_random_predictor
 from conftest import with_engine
 from fastapi.testclient import TestClient
 
 from thinfer import SamplingParams
 from thinfer.compression import METHODS, CompressionConfig, Method, ScoreContext, register
-from thinfer.compression.method import method_class
-from thinfer.dynts import ImportancePredictor, save_predictor
 from thinfer.engine.compression import peak_slots
 from thinfer.models.rope import rotate
-
-MAX_TOKENS = 40
-BUDGET = 24
-
-
-def combos() -> list[tuple[str, str, str]]:
-    """Every built-in method (but the full cache) x schedule x the scoring modes it has."""
-    method_class("full")  # registers the built-ins
-    found = []
-    for name, cls in METHODS.items():
-        if name == "full":
-            continue
-        scorings = ("per_head", "shared") if cls.per_head else ("shared",)
-        found += [(name, t, s) for t, s in itertools.product(("native", "uniform"), scorings)]
-    return found
 
 
 @pytest.fixture(scope="module")
 def predictor_path(tmp_path_factory, llm) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("contract") / "head.safetensors"
-    save_predictor(ImportancePredictor(llm.model_config.hidden_size), str(path))
-    return str(path)
-
-
-def config_for(method: str, trigger: str, scoring: str, predictor: str) -> dict:
-    config = {"method": method, "budget": BUDGET, "trigger": trigger, "scoring": scoring}
-    config["window"] = 6 if trigger == "uniform" or method in ("h2o", "sepllm") else None
-    if method in ("snapkv", "rkv"):
-        config.update(interval=8, observation_window=4)
-    if method == "dynts":
-        config.update(predictor=predictor, think_end_token_ids=[13])  # "." ends thinking
-    return config
+    return write_random_predictor(tmp_path_factory.mktemp("contract"), llm)
 
 
 def layer0_keys(llm, token_ids: list[int], positions: torch.Tensor) -> torch.Tensor:

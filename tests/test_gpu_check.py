@@ -35,12 +35,14 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert results["speedup"]["complete"] and results["decode_curve"]["summary"]
     assert len(results["gemm_dataflow"]["table"]["shapes"]) == 5
     assert results["bandwidth_with_table"]["thinfer"]["mbu"] > 0  # the engine loaded the table
+    assert results["matmul"]["shapes"]["48x80"]["invariance"]["invariant"]["row0_invariant"]
+    assert results["determinism"]["distinct"]["deterministic"]["distinct_completions"] == 1
     tests = results["tests"]
     assert tests["skipped"] > 0 and tests["failed"] == tests["error"] == 0  # GPU tests skip here
     assert set(summary["targets"]) >= {"batch1_mbu", "speedup_vs_hf", "flat_gemm_bandwidth"}
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) <= 8 and "gpu_check.log" in files
-    assert sum(name.endswith(".png") for name in files) == 5
+    assert len(files) <= 10 and "gpu_check.log" in files
+    assert sum(name.endswith(".png") for name in files) == 7
 
 
 def test_budget_skips_what_does_not_fit(tmp_path, capsys):

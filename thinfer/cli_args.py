@@ -68,6 +68,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="kernel per linear layer and batch size, from `thinfer bench gemm-dataflow` "
         "(default: cuBLAS everywhere)",
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant kernels: each request's tokens and logprobs bitwise independent "
+        "of its batch (slower; see docs/determinism.md)",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -88,4 +94,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         gemm_dataflow=args.gemm_dataflow,
         quantization=None if args.quantization == "none" else args.quantization,
+        deterministic=args.deterministic,
     )

@@ -159,7 +159,11 @@ class EngineConfig:
     triton, True always (where the kernels can run), False never (see `thinfer.models.fused`).
     `gemm_dataflow` is the path of a table measured by `thinfer bench gemm-dataflow` that
     picks cuBLAS, the flat GEMM or the GEMV per linear layer and batch size (see
-    `thinfer.kernels.gemm_dataflow`); None runs cuBLAS everywhere. Frozen: an engine with
+    `thinfer.kernels.gemm_dataflow`); None runs cuBLAS everywhere. `deterministic` makes
+    every request's output (token ids and logprobs, bitwise) independent of its batch mates,
+    chunking and arrival order (batch-invariant kernels; see docs/determinism.md and
+    `thinfer.engine.deterministic`); it replaces the attention backend, the fused ops and the
+    dataflow table, so it cannot be combined with explicit ones. Frozen: an engine with
     other settings is a new engine (`thinfer.engine.factory.build_engine`).
     """
 
@@ -174,6 +178,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     fused_ops: str | bool = "auto"
     gemm_dataflow: str | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -197,6 +202,8 @@ class EngineConfig:
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                 f"got {self.attention_backend!r}"
             )
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if not (isinstance(self.fused_ops, bool) or self.fused_ops == "auto"):

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from thinfer.attention.backend import select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig
+from thinfer.engine.deterministic import check_deterministic_config
 from thinfer.engine.factory import LoadedModel, build_engine, resolve_model
 from thinfer.models.fused import select_layer_ops
 from thinfer.outputs import RequestOutput
@@ -37,6 +38,8 @@ class LLM:
     table from `thinfer bench gemm-dataflow` choosing the kernel of each linear layer per
     batch size (None: cuBLAS everywhere). `quantization="int4"` runs the linear layers on
     group-wise int4 weights on the CPU (see `thinfer.models.int4`; None: as loaded).
+    `deterministic=True` makes each request's token ids and logprobs bitwise independent of
+    its batch (batch-invariant kernels, at a cost; see docs/determinism.md).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class LLM:
         fused_ops: str | bool = "auto",
         gemm_dataflow: str | None = None,
         quantization: str | None = None,
+        deterministic: bool = False,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -71,7 +75,14 @@ class LLM:
             cuda_graphs=cuda_graphs,
             fused_ops=fused_ops,
             gemm_dataflow=gemm_dataflow,
+            deterministic=deterministic,
         )
+        check_deterministic_config(config)
+        if deterministic and quantization is not None:
+            raise ValueError(
+                f"deterministic=True runs unquantized weights; quantization={quantization!r} "
+                "has no batch-invariant kernel"
+            )
         if not isinstance(model, LoadedModel):  # a bad backend choice fails before loading
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             select_layer_ops(config.fused_ops, select_backend(config.attention_backend, dev), dev)

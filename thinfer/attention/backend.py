@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thinfer.attention import torch_paged
+from thinfer.attention import invariant_paged, torch_paged
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.config import ATTENTION_BACKENDS
 
@@ -42,6 +42,10 @@ class AttentionBackend:
 
 
 TORCH_BACKEND = AttentionBackend("torch", torch_paged.store_kv, torch_paged.paged_attention)
+# The deterministic mode's backend: every row computed alone (`invariant_paged`).
+INVARIANT_BACKEND = AttentionBackend(
+    "invariant", torch_paged.store_kv, invariant_paged.paged_attention
+)
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:

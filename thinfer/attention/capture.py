@@ -52,8 +52,9 @@ class AttentionCapture:
         return self.column_sum_from.get(index, 0)
 
     def add_column_sums(self, index: int, sums: torch.Tensor) -> None:
-        """Record one layer's column sums [Hkv, context] for batch entry `index`."""
-        self._column_sums[index].append(sums.float())
+        """Record one layer's column sums [Hkv, context] for batch entry `index` (float32, or
+        the float64 fixed-point sums of the deterministic mode, kept exact)."""
+        self._column_sums[index].append(sums if sums.dtype == torch.float64 else sums.float())
 
     def queries(self, index: int) -> torch.Tensor | None:
         """Recorded queries [layers, t, Hq, D] of batch entry `index`, or None."""

@@ -90,6 +90,14 @@ def _bandwidth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matmul(args: argparse.Namespace) -> int:
+    from thinfer.bench.matmul import run_matmul
+
+    _set_threads(args)
+    run_matmul(args)
+    return 0
+
+
 def _decode_attention(args: argparse.Namespace) -> int:
     from thinfer.bench.attention_bench import run_decode_attention
 
@@ -270,11 +278,15 @@ def add_bench_parser(subparsers: Any) -> None:
     _add_stream(kinds)
     _add_gpu_benches(kinds)
     from thinfer.bench.compaction import add_parser as add_compaction
+    from thinfer.bench.determinism import add_parser as add_determinism
     from thinfer.bench.gemm_dataflow_bench import add_parser as add_gemm_dataflow
     from thinfer.bench.gpu_check import add_parser as add_gpu_check
+    from thinfer.bench.matmul import add_parser as add_matmul
     from thinfer.bench.softmax_offset import add_parser as add_softmax_offset
 
     add_compaction(kinds)
+    add_determinism(kinds)
     add_gemm_dataflow(kinds)
     add_gpu_check(kinds)
+    add_matmul(kinds).set_defaults(func=_matmul)
     add_softmax_offset(kinds)

@@ -24,6 +24,7 @@ GPU_TEST_FILES = (
     "tests/test_attention_plans.py",
     "tests/test_bench_gpu_path.py",
     "tests/test_flat_gemm.py",
+    "tests/test_invariant_matmul.py",
 )
 
 
@@ -37,6 +38,8 @@ STAGE_NAMES = (
     "decode_curve",
     "gemm_dataflow",
     "bandwidth_with_table",
+    "matmul",
+    "determinism",
     "tests",
 )
 
@@ -73,6 +76,9 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         speedup = ["--input-lens", "16,64", "--batch-sizes", "1,2", "--output-len", "4"]
         curve = ["--batch-size", "2", "--steps", "48", "--budget", "40", "--window", "8"]
         tests = ["-k", "test_gpu_"]  # they skip on the CPU: the outcome parse still runs
+        matmul = ["--device", "cpu", "--shapes", "48x80", "--max-m", "4", "--repeats", "1"]
+        determinism = ["--batch-sizes", "1,2", "--output-len", "4", "--runs", "2"]
+        determinism += ["--completion-len", "4", "--max-mates", "2", "--num-kv-blocks", "64"]
         gemm = ["--model", "tiny", "--device", "cpu", "--m", "1,8", "--quick", "--iters", "1"]
     else:
         model = ["--model", "llama-2-7b", "--load-format", "dummy", "--dtype", "bfloat16"]
@@ -84,6 +90,8 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         speedup += ["--output-len", "32"]
         curve = ["--batch-size", "8", "--steps", "1536", "--budget", "512", "--window", "128"]
         gemm = ["--model", "llama-2-7b", "--m", "1,2,4,8,16,32,64"]
+        matmul = []
+        determinism = ["--batch-sizes", "1,16,64", "--runs", "200", "--completion-len", "128"]
         tests = []
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *tests]
     return [
@@ -140,6 +148,14 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
             90,
             30,
             "with_table/bandwidth_*.json",
+        ),
+        Stage("matmul", _bench("matmul", out, *matmul), 120, 30, "matmul_*.json"),
+        Stage(
+            "determinism",
+            _bench("determinism", out, *model, *determinism),
+            150,
+            60,
+            "determinism_*.json",
         ),
         Stage("tests", [*pytest, *GPU_TEST_FILES], 150, 30, None),
     ]

@@ -96,7 +96,8 @@ def keep_mask(
     evict = num_old - min(max(min(count, keepable), forced), num_old)
     if evict <= 0:
         return torch.ones_like(old)
-    threshold = torch.kthvalue(key.float(), evict, dim=-1, keepdim=True).values
+    exact = key if key.dtype == torch.float64 else key.float()  # float64 stays (deterministic)
+    threshold = torch.kthvalue(exact, evict, dim=-1, keepdim=True).values
     below = key < threshold
     need = evict - below.sum(dim=-1, keepdim=True)  # >= 1: taken from the ties
     tied = key == threshold

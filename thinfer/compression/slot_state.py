@@ -19,15 +19,18 @@ class SlotState:
     """Positions, protection flags and named float values of a sequence's cached slots."""
 
     def __init__(
-        self, prefix: tuple[int, ...], value_names: tuple[str, ...], device: torch.device
+        self,
+        prefix: tuple[int, ...],
+        value_names: tuple[str, ...],
+        device: torch.device,
+        value_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.prefix = prefix
         self.length = 0
         self._positions = torch.empty(*prefix, 0, dtype=torch.long, device=device)
         self._protected = torch.empty(*prefix, 0, dtype=torch.bool, device=device)
         self._values = {
-            name: torch.empty(*prefix, 0, dtype=torch.float32, device=device)
-            for name in value_names
+            name: torch.empty(*prefix, 0, dtype=value_dtype, device=device) for name in value_names
         }
 
     @property

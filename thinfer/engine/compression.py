@@ -50,7 +50,14 @@ class SequenceCompression:
 
 
 class CompressionStage:
-    """Applies each sequence's compression; owns nothing but a cache of method resources."""
+    """Applies each sequence's compression; owns nothing but a cache of method resources.
+
+    `deterministic`: decisions that depend only on the request, whatever its batch: per-slot
+    values kept in float64, where the fixed-point column sums of the invariant attention
+    backend add up exactly (shared scoring sums them over layers and heads instead of
+    averaging: the same order of slots, still exact), and the predictor called one row at a
+    time (one shape, so its matmuls cannot change with the batch).
+    """
 
     def __init__(
         self,
@@ -58,7 +65,9 @@ class CompressionStage:
         kv_cache: KVCache,
         rotary: RotaryEmbedding,
         prepare_context: PrepareContext,
+        deterministic: bool = False,
     ) -> None:
+        self.deterministic = deterministic
         self.model_config = model_config
         self.kv_cache = kv_cache
         self.rotary = rotary
@@ -82,6 +91,7 @@ class CompressionStage:
             prefix if config.per_head else (),
             config.params.slot_values,
             self.kv_cache.storage.device,
+            torch.float64 if self.deterministic else torch.float32,
         )
         seq.compression = SequenceCompression(config, self.resources(config), state)
 
@@ -125,8 +135,11 @@ class CompressionStage:
                 if item.samples and comp.method.signals().hidden_states:
                     hidden_rows[comp.method.batch_key()].append((row, comp))
             row += item.samples
+        groups = list(hidden_rows.values())
+        if self.deterministic:  # one row per call: the predictor sees one shape only
+            groups = [[row] for rows in groups for row in rows]
         with torch.inference_mode():
-            self._score_hidden(hidden, list(hidden_rows.values()))
+            self._score_hidden(hidden, groups)
 
     @staticmethod
     def _score_hidden(
@@ -166,7 +179,12 @@ class CompressionStage:
         sums = capture.column_sums(index)
         if sums is not None:  # [layers, kv_heads, kv_len]
             received = comp.state.value("attention")
-            received += sums if comp.config.per_head else sums.mean(dim=(0, 1))
+            if comp.config.per_head:
+                received += sums
+            elif self.deterministic:
+                received += sums.sum(dim=(0, 1))  # exact; ranks the slots as the mean does
+            else:
+                received += sums.mean(dim=(0, 1))
         queries = capture.queries(index)
         if queries is not None:
             if comp.queries is not None:

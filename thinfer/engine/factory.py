@@ -16,6 +16,11 @@ from thinfer.attention.backend import select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
 from thinfer.engine.cpu_malloc import tune_malloc_for_decode
+from thinfer.engine.deterministic import (
+    check_deterministic_config,
+    make_batch_invariant,
+    make_batch_variant,
+)
 from thinfer.engine.kv_cache import KVCache, auto_num_blocks
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.loading import load_checkpoint
@@ -140,6 +145,7 @@ def build_engine(
     device or load_format are given with an already loaded model.
     """
     config = config or EngineConfig()
+    check_deterministic_config(config)
     loaded = resolve_model(
         model, dtype=dtype, device=device, load_format=load_format, seed=config.seed
     )
@@ -152,10 +158,15 @@ def build_engine(
     dev, torch_dtype = loaded.device, loaded.dtype
     if dev.type == "cpu":
         tune_malloc_for_decode()  # no page-fault cliff once contexts grow (see cpu_malloc)
-    backend = select_backend(config.attention_backend, dev)
+    if config.deterministic:
+        backend, ops = make_batch_invariant(loaded.net)
+    else:
+        make_batch_variant(loaded.net)
+        backend = select_backend(config.attention_backend, dev)
+        ops = select_layer_ops(config.fused_ops, backend, dev)
+        set_gemm_dataflow(loaded.net, gemm_table(config.gemm_dataflow, dev))
     loaded.net.set_attention_backend(backend)
-    loaded.net.set_layer_ops(select_layer_ops(config.fused_ops, backend, dev))
-    set_gemm_dataflow(loaded.net, gemm_table(config.gemm_dataflow, dev))
+    loaded.net.set_layer_ops(ops)
     num_blocks = config.num_kv_blocks or auto_num_blocks(
         loaded.config, config, max_model_len, torch_dtype, dev
     )

@@ -21,16 +21,22 @@ def is_forcing(seq: Sequence) -> bool:
 
 
 def choose_tokens_row_by_row(
-    logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    rows: list[SamplingRow],
+    always_row_by_row: bool = False,
 ) -> tuple[list[tuple[Sequence, SampledToken]], list[tuple[Sequence, str]]]:
     """`choose_tokens` for the batch, or, if that raises, row by row, so a row that cannot be
     sampled fails alone: ((sequence, token) of the rows that could, (sequence, why) of those
     that could not). A row retried after a failed batch may have advanced its seeded
-    generator already, so only greedy rows are guaranteed the tokens the batch would give."""
-    try:
-        return list(zip(seqs, choose_tokens(logits, seqs, rows), strict=True)), []
-    except Exception:  # noqa: BLE001 - whatever broke, find the row that broke it
-        pass
+    generator already, so only greedy rows are guaranteed the tokens the batch would give.
+    `always_row_by_row` (the deterministic mode) skips the batch: each row is then sampled
+    by calls of one shape, [1, vocab], whatever the batch."""
+    if not always_row_by_row:
+        try:
+            return list(zip(seqs, choose_tokens(logits, seqs, rows), strict=True)), []
+        except Exception:  # noqa: BLE001 - whatever broke, find the row that broke it
+            pass
     chosen: list[tuple[Sequence, SampledToken]] = []
     failed: list[tuple[Sequence, str]] = []
     for i, seq in enumerate(seqs):

@@ -64,7 +64,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config, kv_cache)
         weight = next(model.parameters())
         prepare = PrepareContext(model.config.hidden_size, weight.dtype, weight.device, tokenizer)
-        self.compression = CompressionStage(model.config, kv_cache, model.rotary_emb, prepare)
+        self.compression = CompressionStage(
+            model.config, kv_cache, model.rotary_emb, prepare, config.deterministic
+        )
         graphs = build_decode_graphs(config, model, kv_cache, max_model_len)
         self.runner = ModelRunner(model, kv_cache, device, graphs, self.compression.plan_capture)
         eos = set(self.model_config.eos_token_ids)
@@ -227,7 +229,9 @@ class LLMEngine:
         self.compression.observe(batch, capture, hidden)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
-        chosen, failed = choose_tokens_row_by_row(logits, sampling, rows)
+        chosen, failed = choose_tokens_row_by_row(
+            logits, sampling, rows, always_row_by_row=self.config.deterministic
+        )
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for seq, token in chosen:

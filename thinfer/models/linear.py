@@ -19,6 +19,7 @@ from torch import nn
 from thinfer.kernels.gemm_dataflow import DataflowTable, load_table
 from thinfer.models.int4 import int4_linear, int4_supported, quantize_int4
 from thinfer.models.int8 import int8_linear, int8_supported, quantize_int8
+from thinfer.models.invariant_linear import choose_tiles, plain_matmul, tiled_linear
 
 QUANTIZATIONS = ("int4", "int8")
 
@@ -35,9 +36,14 @@ class Linear(nn.Module):
         self.dataflow: DataflowTable | None = None
         # Quantized weights (`quantize_linears`): ("int4" | "int8", codes, scales); None: fp32.
         self.quantized: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        # Batch-invariant mode (`set_batch_invariant`): the CPU tile ladder, or () for the
+        # Triton kernel on CUDA; None: the paths below, whose results depend on the batch.
+        self.invariant_rows: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to x [..., in_features]."""
+        if self.invariant_rows is not None:
+            return self._invariant(x)
         if self.dataflow is not None and x.dim() == 2:
             out_features, in_features = self.weight.shape
             choice = self.dataflow.choose(out_features, in_features, x.shape[0])
@@ -52,6 +58,18 @@ class Linear(nn.Module):
                 x.contiguous(), self._packed, self.bias, "none", [], ""
             )
         return F.linear(x, self.weight, self.bias)
+
+    def _invariant(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] through the batch-invariant path (`set_batch_invariant`)."""
+        rows = x.reshape(-1, x.shape[-1])
+        if self.invariant_rows == ():
+            from thinfer.kernels.invariant_matmul import invariant_linear
+
+            out = invariant_linear(rows, self.weight, self.bias)
+        else:
+            matmul = plain_matmul(self.weight, self._packed)
+            out = tiled_linear(rows, matmul, self.weight.shape[0], self.bias, self.invariant_rows)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
 
     def pack(self) -> bool:
         """Reorder the weights for oneDNN when that kernel applies; returns True if packed."""
@@ -146,3 +164,43 @@ def quantize_linears(model: nn.Module, method: str) -> int:
         module._packed = None  # the quantized path replaces the oneDNN copy
         count += 1
     return count
+
+
+def set_batch_invariant(model: nn.Module, enabled: bool) -> dict[str, tuple[int, ...]]:
+    """Run every `Linear` of `model` through the batch-invariant path (`enabled`), or back
+    through the fast ones. On CUDA that is the Triton kernel; on the CPU, row tiles of the
+    sizes `choose_tiles` verified for the weight's shape (once per process and shape).
+    Returns the tile sizes chosen per shape ("NxK": sizes; () for the Triton kernel).
+    ValueError for quantized layers or a dataflow table (their kernels are not invariant)."""
+    chosen: dict[str, tuple[int, ...]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        if not enabled:
+            module.invariant_rows = None
+            continue
+        if module.quantized is not None or module.dataflow is not None:
+            what = "quantized weights" if module.quantized is not None else "a gemm dataflow table"
+            raise ValueError(f"deterministic mode cannot run {name} with {what}")
+        out_features, in_features = module.weight.shape
+        key = f"{out_features}x{in_features}"
+        if key not in chosen:
+            chosen[key] = _invariant_rows(module)
+        module.invariant_rows = chosen[key]
+    return chosen
+
+
+# Self-test outcomes per (out, in, dtype, packed): a property of the kernel for a shape, so it
+# is measured once per process, not at every engine build.
+_TILES_BY_SHAPE: dict[tuple[int, int, torch.dtype, bool], tuple[int, ...]] = {}
+
+
+def _invariant_rows(module: Linear) -> tuple[int, ...]:
+    weight = module.weight.detach()
+    if weight.device.type == "cuda":
+        return ()
+    key = (*weight.shape, weight.dtype, module._packed is not None)
+    if key not in _TILES_BY_SHAPE:
+        matmul = plain_matmul(weight, module._packed)
+        _TILES_BY_SHAPE[key] = choose_tiles(matmul, weight.shape[1], weight.dtype)  # type: ignore[index]
+    return _TILES_BY_SHAPE[key]  # type: ignore[index]

@@ -1,0 +1,72 @@
+"""Turning a loaded model into a batch-invariant one, for `EngineConfig(deterministic=True)`.
+
+In the deterministic mode a request's output (token ids and every logprob, bitwise) depends
+only on the request: never on its batch mates, their number, arrival order, how its prefill
+was chunked, preemption or `max_num_seqs`. Every computation whose result for one row could
+change with the batch is replaced by one that sees a single shape per row:
+
+- linear layers and lm_head: `thinfer.models.invariant_linear` (fixed row tiles on the CPU,
+  the Triton kernel of `thinfer.kernels.invariant_matmul` on CUDA);
+- attention: `thinfer.attention.invariant_paged` (each row alone, keys padded to a fixed
+  split, decode and prefill rows computed alike; fixed-point column sums);
+- SiLU: `thinfer.models.invariant_ops` (exact ops and `exp` only);
+- sampling and the DynTS predictor: one row per call (`LLMEngine`, `CompressionStage`).
+
+The properties these rest on (a library matmul's rows do not depend on their place in a
+fixed-shape call, `exp` is pointwise) are checked here at start-up, for this device and
+dtype, instead of assumed; a failed check is a RuntimeError naming it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thinfer.attention.backend import INVARIANT_BACKEND, AttentionBackend
+from thinfer.attention.invariant_paged import check_bmm_rows
+from thinfer.config import EngineConfig
+from thinfer.models.fused import LayerOps
+from thinfer.models.invariant_ops import INVARIANT_OPS, check_exp_is_pointwise
+from thinfer.models.linear import set_batch_invariant
+from thinfer.models.llama import LlamaForCausalLM
+
+
+def check_deterministic_config(config: EngineConfig) -> None:
+    """ValueError for settings the deterministic mode would have to override: an explicit
+    Triton attention backend, forced fused ops, or a GEMM dataflow table."""
+    if not config.deterministic:
+        return
+    conflicts = []
+    if config.attention_backend == "triton":
+        conflicts.append("attention_backend='triton'")
+    if config.fused_ops is True:
+        conflicts.append("fused_ops=True")
+    if config.gemm_dataflow is not None:
+        conflicts.append("gemm_dataflow")
+    if conflicts:
+        raise ValueError(
+            f"deterministic=True runs its own batch-invariant kernels and cannot be combined "
+            f"with {', '.join(conflicts)} (leave them at their defaults)"
+        )
+
+
+def make_batch_invariant(net: LlamaForCausalLM) -> tuple[AttentionBackend, LayerOps]:
+    """Switch `net`'s linear layers to their batch-invariant path, check this device's
+    kernels (RuntimeError if one is not invariant), and return the attention backend and
+    layer ops the deterministic mode runs. ValueError for a quantized model."""
+    weight = next(net.parameters())
+    cfg = net.config
+    check_exp_is_pointwise(weight.device, torch.float32)
+    check_bmm_rows(
+        cfg.head_dim,
+        cfg.num_attention_heads // cfg.num_key_value_heads,
+        weight.dtype,
+        weight.device,
+    )
+    set_batch_invariant(net, True)
+    return INVARIANT_BACKEND, INVARIANT_OPS
+
+
+def make_batch_variant(net: LlamaForCausalLM) -> None:
+    """Return `net`'s linear layers to their fast paths (an engine built without the mode
+    on a model an earlier deterministic engine used)."""
+    set_batch_invariant(net, False)

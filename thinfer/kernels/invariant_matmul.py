@@ -1,0 +1,171 @@
+# ruff: noqa: ANN001
+# Triton reads kernel parameter annotations as type and specialization directives, so the
+# @triton.jit function here leaves its parameters unannotated; host functions are typed.
+"""Batch-invariant linear layers, y = x W^T (+ b), in Triton: each output row is bitwise the
+same whatever the number of rows M of the call.
+
+A library GEMM (cuBLAS) picks its algorithm from the shape: for small M it splits the
+reduction over K across thread blocks (split-K, stream-K) and sums the partials, for large M
+it does not, and tile shapes change with M; each choice sums a row's K products in another
+order, so the last bits of a row change with the batch it was computed in. Here nothing
+that orders a row's reduction depends on M:
+
+- One program per (M tile, N tile), `BLOCK_M` x `BLOCK_N` outputs, edges masked (rows past
+  M and columns past N load zeros and are not stored). No split-K, no stream-K: a program
+  owns its outputs' whole reduction.
+- The K loop runs k = 0, BLOCK_K, 2 * BLOCK_K, ... in that order, one `tl.dot` per K tile
+  accumulating into fp32; the bias is added to the fp32 sum, which is rounded once to x's
+  dtype. `BLOCK_K` is fixed (`BLOCK_K` below).
+- The tile shape (`BLOCK_M`, `BLOCK_N`, `num_warps`) comes from `invariant_config`, a
+  function of N, K and the dtype only, never of M: `tl.dot` on a tile lowers to a sequence of
+  tensor-core instructions (mma / wgmma) whose operand layout, and so the order in which the
+  hardware adds a row's products inside one K tile, depends on BLOCK_M, BLOCK_N and the warp
+  count; choosing them from M (as an autotuner would) would reorder the sums. With them
+  fixed, a row is computed by the same instructions at the same place of its tile
+  (row i sits at i % BLOCK_M) whatever M is, and what the other rows of the tile hold (data
+  or masked zeros) never enters its sums.
+- M is not specialized on (`do_not_specialize`): Triton would otherwise compile other code
+  for M == 1 or M % 16 == 0.
+
+The cost: no split-K means few programs when M and N are small (decode), so the GPU is not
+filled; `thinfer bench matmul` measures TFLOPS against cuBLAS per M (the LLM-42 "seed
+figure"). The CPU path is `thinfer.models.invariant_linear.tiled_linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+BLOCK_M = 64  # rows per tile, for every M (see the module docstring)
+BLOCK_K = 64  # K per tl.dot: fixed, the reduction order of every row
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def invariant_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a weight [N, K] of `dtype`; M is not an
+    argument on purpose. Wide tiles only when N has enough of them to fill the GPU without
+    split-K (N >= 16384: lm_head, fused gate/up of large models); 64 columns otherwise."""
+    del k, dtype  # the same tiles for every K and dtype (kept in the signature for tuning)
+    if n >= 16384:
+        return BLOCK_M, 128, BLOCK_K, 8
+    return BLOCK_M, 64, BLOCK_K, 4
+
+
+def invariant_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias) in float64, rounded once to x's dtype."""
+    out = x.double() @ weight.double().T
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _invariant_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    ADD_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    w_cols = w_ptr + cols[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # K tiles in increasing order, one tl.dot each: the same order for every row and M.
+    for first in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        ks = first + offs_k
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if DOT_FP32:  # exact: a product of two bf16 values fits in fp32
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    if ADD_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def kernels_interpreted() -> bool:
+    """True when Triton interprets this module's kernel (TRITON_INTERPRET=1 was set before
+    the import): it then runs on CPU tensors too, slowly; otherwise it needs CUDA."""
+    return isinstance(_invariant_matmul_kernel, InterpretedFunction)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """ValueError unless x [M, K], weight [N, K] and bias [N] fit together and the kernel."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"expected bias [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"x is {x.dtype} but bias is {bias.dtype}")
+    tensors = [x, weight] if bias is None else [x, weight, bias]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError(f"x, weight and bias must be on one device, got {x.device} and others")
+    if x.device.type != "cuda" and not kernels_interpreted():
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors (on CPU: TRITON_INTERPRET=1), got {x.device}"
+        )
+
+
+def invariant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """y = x [M, K] @ weight [N, K]^T (+ bias), each row bitwise independent of M.
+
+    fp32 accumulation in a fixed K order, rounded once to x's dtype (see the module
+    docstring); `num_stages` (software pipelining of the K loop) changes only the timing.
+    ValueError for operands that do not fit (shapes, dtypes, devices). Interpreted (CPU), bf16
+    tiles are widened to fp32 before `tl.dot`: Triton 3.9's interpreter gives wrong bf16
+    products there (measured: errors of 1e10 on unit-size data); on CUDA they are not.
+    """
+    _check(x, weight, bias)
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    x, weight = x.contiguous(), weight.contiguous()
+    block_m, block_n, block_k, num_warps = invariant_config(n, k, x.dtype)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _invariant_matmul_kernel[grid](
+        x, weight, x if bias is None else bias.contiguous(), out, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        ADD_BIAS=bias is not None, DOT_FP32=x.dtype == torch.bfloat16 and kernels_interpreted(),
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,114 @@
+"""Batch-invariant linear layers: each output row is bitwise the same whatever the batch.
+
+A library GEMM chooses its algorithm (GEMV or GEMM, blocking over K, threading) from the
+shape, so one row of `x @ W^T` changes in its last bits when the number of rows M changes
+(measured on the dev CPU: MKL's `F.linear` gives other bits for M <= 3 than for M >= 4;
+oneDNN's packed kernel at M = 1 for K = 1536). The invariant paths here never let M reach
+the library:
+
+- CPU (`tiled_linear`): the rows are cut into tiles of exactly `TILE_ROWS` rows (the last
+  padded with zeros), each copied into a fresh buffer and multiplied by the same call, so the
+  library sees one shape only. What remains is that a row's result may depend on its place
+  inside the tile; `row_invariance_self_test` checks that for the model's shapes at start-up
+  (every row rolled through every position, bitwise), and the engine falls back to one-row
+  tiles (the library's GEMV, one shape again) where it fails.
+- CUDA: the Triton kernel of `thinfer.kernels.invariant_matmul` (fixed BLOCK_K, no split-K).
+
+The cost is the padding (a decode batch of 1 multiplies 16 rows, at decode a CPU layer reads
+its weights either way) and, for prefill, one weight read per tile instead of one per call;
+`thinfer bench matmul` and `thinfer bench determinism` measure it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+TILE_ROWS = 16
+# Wider tiles for large batches and prefill, each used only where `choose_tiles` finds a row's
+# bits the same in it as in a TILE_ROWS tile.
+TILE_LADDER = (TILE_ROWS, 32, 64, 128)
+
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+
+
+def plain_matmul(weight: torch.Tensor, packed: torch.Tensor | None = None) -> Matmul:
+    """x -> x @ weight^T through oneDNN's packed weights when given, else `F.linear`."""
+    if packed is not None:
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return lambda x: F.linear(x, weight)
+
+
+def tiled_linear(
+    x: torch.Tensor,
+    matmul: Matmul,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    tile_rows: int | tuple[int, ...] = TILE_ROWS,
+) -> torch.Tensor:
+    """`matmul` (x -> x W^T) applied to x [M, K] in tiles of exactly `tile_rows` rows (or of
+    the sizes of an ascending ladder: the largest that the remaining rows fill, the smallest,
+    zero-padded, for the rest), so the kernel only ever sees those shapes; bias added after,
+    elementwise."""
+    ladder = (tile_rows,) if isinstance(tile_rows, int) else tile_rows
+    rows, in_features = x.shape
+    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    start = 0
+    while start < rows:
+        left = rows - start
+        size = max((t for t in ladder if t <= left), default=ladder[0])
+        count = min(size, left)
+        tile = torch.zeros(size, in_features, dtype=x.dtype, device=x.device)
+        tile[:count] = x[start : start + count]
+        out[start : start + count] = matmul(tile)[:count]
+        start += count
+    if bias is not None:
+        out += bias
+    return out
+
+
+def row_invariance_self_test(
+    matmul: Matmul,
+    in_features: int,
+    tile_rows: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    shifts: tuple[int, ...] | None = None,
+) -> bool:
+    """True when, for tiles of `tile_rows` rows, each row's output is bitwise the same at
+    every position of the tile (every roll, or the given `shifts`) and whatever the other
+    rows hold (random data)."""
+    generator = torch.Generator().manual_seed(seed)
+    tile = torch.randn(tile_rows, in_features, generator=generator).to(dtype)
+    reference = matmul(tile.clone())
+    others = torch.randn(tile_rows, in_features, generator=generator).to(dtype)
+    for shift in shifts if shifts is not None else range(1, tile_rows):
+        rolled = matmul(torch.roll(tile, shift, dims=0).contiguous())
+        if not torch.equal(torch.roll(reference, shift, dims=0), rolled):
+            return False
+    for row in (0, tile_rows - 1) if shifts is not None else range(tile_rows):
+        mixed = others.clone()
+        mixed[row] = tile[0]
+        if not torch.equal(matmul(mixed)[row], reference[0]):
+            return False
+    return True
+
+
+def choose_tiles(matmul: Matmul, in_features: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The tile ladder a weight can use: TILE_ROWS and each wider size of TILE_LADDER that
+    passes the self-test at a spread of positions and gives a row the same bits as a
+    TILE_ROWS tile does; (1,) (the library's GEMV, one shape) when even TILE_ROWS fails."""
+    if not row_invariance_self_test(matmul, in_features, TILE_ROWS, dtype):
+        return (1,)
+    ladder = [TILE_ROWS]
+    generator = torch.Generator().manual_seed(2)
+    for wide in TILE_LADDER[1:]:
+        spread = (1, 3, 5, 7, 13, wide // 2 + 1, wide - 1)
+        if not row_invariance_self_test(matmul, in_features, wide, dtype, seed=1, shifts=spread):
+            continue
+        rows = torch.randn(wide, in_features, generator=generator).to(dtype)
+        if torch.equal(matmul(rows)[:TILE_ROWS], matmul(rows[:TILE_ROWS].contiguous())):
+            ladder.append(wide)
+    return tuple(ladder)
