@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compression_utils import MAX_TOKENS, combos, config_for, write_random_predictor
-from conftest import with_engine
+from conftest import run_cli, with_engine
 
 from thinfer import LLM, SamplingParams
 from thinfer.attention.invariant_paged import (
@@ -19,6 +19,8 @@ from thinfer.attention.invariant_paged import (
     gather_padded,
 )
 from thinfer.attention.torch_paged import prefill_attention
+from thinfer.cli import build_parser
+from thinfer.cli_args import llm_kwargs
 from thinfer.config import EngineConfig
 from thinfer.engine.deterministic import check_deterministic_config
 from thinfer.models.invariant_ops import INVARIANT_OPS
@@ -212,3 +214,17 @@ def test_quantization_is_refused(llm):
         LLM(llm.loaded, deterministic=True, quantization="int4")
     with pytest.raises(ValueError, match="deterministic must be True or False"):
         EngineConfig(deterministic="yes")  # type: ignore[arg-type]
+
+
+def test_generate_and_serve_take_the_flag(llm, restore_default):
+    """`thinfer generate --deterministic` runs the mode end to end (same greedy text as the
+    default here); `thinfer serve --deterministic` hands it to the LLM it builds."""
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--deterministic")
+    assert result.returncode == 0, result.stderr
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    default = with_engine(llm, num_kv_blocks=64)  # the default kernels, in this process
+    expected = default.generate("The capital of France is", greedy)[0].outputs[0].text
+    assert result.stdout == expected + "\n"
+    args = build_parser().parse_args(["serve", "--deterministic"])
+    assert llm_kwargs(args)["deterministic"] is True
+    assert llm_kwargs(build_parser().parse_args(["serve"]))["deterministic"] is False
