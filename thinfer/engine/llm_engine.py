@@ -64,9 +64,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, kv_cache)
         weight = next(model.parameters())
         prepare = PrepareContext(model.config.hidden_size, weight.dtype, weight.device, tokenizer)
-        self.compression = CompressionStage(
-            model.config, kv_cache, model.rotary_emb, prepare, config.deterministic
-        )
+        rotary, deterministic = model.rotary_emb, config.deterministic
+        self.compression = CompressionStage(model.config, kv_cache, rotary, prepare, deterministic)
         graphs = build_decode_graphs(config, model, kv_cache, max_model_len)
         self.runner = ModelRunner(model, kv_cache, device, graphs, self.compression.plan_capture)
         eos = set(self.model_config.eos_token_ids)
@@ -229,9 +228,8 @@ class LLMEngine:
         self.compression.observe(batch, capture, hidden)
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
-        chosen, failed = choose_tokens_row_by_row(
-            logits, sampling, rows, always_row_by_row=self.config.deterministic
-        )
+        one_by_one = self.config.deterministic  # one shape per sampling call
+        chosen, failed = choose_tokens_row_by_row(logits, sampling, rows, one_by_one)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for seq, token in chosen:
