@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 TILE_ROWS = 16
-# Wider tiles for large batches and prefill, each used only where `choose_tiles` finds a row's
-# bits the same in it as in a TILE_ROWS tile.
-TILE_LADDER = (TILE_ROWS, 32, 64, 128)
+# Other tile sizes (fewer rows for small decode batches, more for large ones and prefill),
+# each used only where `choose_tiles` finds a row's bits the same in it as in a TILE_ROWS tile.
+TILE_LADDER = (1, 2, 4, 8, TILE_ROWS, 32, 64, 128)
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,17 +48,17 @@ def tiled_linear(
     bias: torch.Tensor | None = None,
     tile_rows: int | tuple[int, ...] = TILE_ROWS,
 ) -> torch.Tensor:
-    """`matmul` (x -> x W^T) applied to x [M, K] in tiles of exactly `tile_rows` rows (or of
-    the sizes of an ascending ladder: the largest that the remaining rows fill, the smallest,
-    zero-padded, for the rest), so the kernel only ever sees those shapes; bias added after,
-    elementwise."""
+    """`matmul` (x -> x W^T) applied to x [M, K] in tiles of exactly `tile_rows` rows, or of
+    the sizes of an ascending ladder (the largest while the rows left fill it, then the
+    smallest that holds the rest, zero-padded), so the kernel only ever sees those shapes;
+    bias added after, elementwise."""
     ladder = (tile_rows,) if isinstance(tile_rows, int) else tile_rows
     rows, in_features = x.shape
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     start = 0
     while start < rows:
         left = rows - start
-        size = max((t for t in ladder if t <= left), default=ladder[0])
+        size = min((t for t in ladder if t >= left), default=ladder[-1])
         count = min(size, left)
         tile = torch.zeros(size, in_features, dtype=x.dtype, device=x.device)
         tile[:count] = x[start : start + count]
@@ -97,18 +97,25 @@ def row_invariance_self_test(
 
 
 def choose_tiles(matmul: Matmul, in_features: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """The tile ladder a weight can use: TILE_ROWS and each wider size of TILE_LADDER that
-    passes the self-test at a spread of positions and gives a row the same bits as a
-    TILE_ROWS tile does; (1,) (the library's GEMV, one shape) when even TILE_ROWS fails."""
+    """The tile sizes a weight can use: TILE_ROWS and each other size of TILE_LADDER that
+    passes the self-test (at a spread of positions) and gives a row the same bits as a
+    TILE_ROWS tile does; (1,) (the library's GEMV, one shape) when TILE_ROWS itself fails."""
     if not row_invariance_self_test(matmul, in_features, TILE_ROWS, dtype):
         return (1,)
-    ladder = [TILE_ROWS]
     generator = torch.Generator().manual_seed(2)
-    for wide in TILE_LADDER[1:]:
-        spread = (1, 3, 5, 7, 13, wide // 2 + 1, wide - 1)
-        if not row_invariance_self_test(matmul, in_features, wide, dtype, seed=1, shifts=spread):
+    anchor_rows = torch.randn(TILE_ROWS, in_features, generator=generator).to(dtype)
+    anchor = matmul(anchor_rows)
+    ladder = []
+    for size in TILE_LADDER:
+        if size == TILE_ROWS:
+            ladder.append(size)
             continue
-        rows = torch.randn(wide, in_features, generator=generator).to(dtype)
-        if torch.equal(matmul(rows)[:TILE_ROWS], matmul(rows[:TILE_ROWS].contiguous())):
-            ladder.append(wide)
+        spread = tuple(sorted({s % size for s in (1, 3, 5, 7, 13, size // 2 + 1, size - 1)} - {0}))
+        if not row_invariance_self_test(matmul, in_features, size, dtype, seed=1, shifts=spread):
+            continue
+        tile = torch.randn(max(size, TILE_ROWS), in_features, generator=generator).to(dtype)
+        tile[: min(size, TILE_ROWS)] = anchor_rows[: min(size, TILE_ROWS)]
+        shared = min(size, TILE_ROWS)
+        if torch.equal(matmul(tile[:size].contiguous())[:shared], anchor[:shared]):
+            ladder.append(size)
     return tuple(ladder)
