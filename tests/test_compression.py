@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig
+from thinfer.compression.slot_state import SlotState
 from thinfer.models.rope import RotaryEmbedding, rotate
 
 
@@ -235,3 +236,27 @@ def test_streamingllm_reassigned_positions_move_the_sinks(llm, english_prompts):
     moved_lp = [max(d.values()) for d in moved.logprobs]
     assert plain_lp[:first] == moved_lp[:first]
     assert plain_lp[first + 1 :] != moved_lp[first + 1 :]
+
+
+def late_state(config: CompressionConfig, kv_len: int, sinks: int, first_late: int) -> SlotState:
+    """A cache long after many evictions: slots 0..sinks-1 hold the sinks, the rest a run of
+    tokens from position `first_late` on (far beyond the cache length)."""
+    positions = list(range(sinks)) + list(range(first_late, first_late + kv_len - sinks))
+    state = SlotState((), config.params.slot_values, torch.device("cpu"))
+    state.append(torch.tensor(positions), torch.zeros(kv_len, dtype=torch.bool))
+    return state
+
+
+@pytest.mark.parametrize("trigger", ["native", "uniform"])
+def test_streamingllm_keeps_its_sinks_long_after_the_budget(trigger):
+    """Positions grow without bound while the cache stays at the budget: the sinks must still
+    outrank every other token (they lost to tokens past ~3x the budget before)."""
+    budget, sinks = 24, 4
+    config = CompressionConfig(
+        "streamingllm", budget=budget, sink_tokens=sinks, trigger=trigger, window=6
+    )
+    for first_late in (budget, 3 * budget, 50 * budget):
+        state = late_state(config, budget, sinks, first_late)
+        tokens = [1] * (first_late + budget)
+        keep = select(config, budget, generated=budget, state=state, tokens=tokens, prompt_len=1)
+        assert set(range(sinks)) <= set(keep.tolist()), (trigger, first_late)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from compression_utils import select
 from conftest import with_engine
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig
 from thinfer.compression.methods.sepllm import separator_token_ids
+from thinfer.compression.slot_state import SlotState
 
 SEPARATORS = frozenset({0, 1})
 SEPARATOR_IDS = torch.tensor(sorted(SEPARATORS))
@@ -92,3 +94,28 @@ def test_sepllm_on_the_real_model(llm, english_prompts):
         for seq in core.scheduler.running:
             assert seq.kv_len + 1 <= max(len(seq.prompt_token_ids) + 1, 48)
     assert core.kv_cache.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("trigger", ["native", "uniform"])
+def test_sinks_and_separators_outrank_the_rest_long_after_the_budget(trigger):
+    """Positions far beyond the cache length (after many evictions): the sinks are kept, and
+    under the uniform trigger every old separator outranks every old non-separator, however
+    old it is (both lost to late tokens when scores were scaled by the cache length)."""
+    budget, sinks, first_late = 24, 2, 50 * 24
+    config = CompressionConfig(
+        "sepllm", budget=budget, sink_tokens=sinks, trigger=trigger, window=6, ratio=0.3
+    )
+    positions = list(range(sinks)) + list(range(first_late, first_late + budget - sinks))
+    tokens = [5] * (first_late + budget)
+    separators = positions[sinks:8:2]  # three old separators: with the sinks, what uniform keeps
+    for p in separators:
+        tokens[p] = 0
+    state = SlotState((), config.params.slot_values, torch.device("cpu"))
+    state.append(torch.tensor(positions), torch.zeros(budget, dtype=torch.bool))
+    keep = select(
+        config, budget, generated=budget, state=state, tokens=tokens, resources=SEPARATOR_IDS,
+        prompt_len=1,
+    ).tolist()  # fmt: skip
+    assert set(range(sinks)) <= set(keep)
+    if trigger == "uniform":
+        assert {positions.index(p) for p in separators} <= set(keep)

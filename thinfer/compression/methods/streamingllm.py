@@ -57,9 +57,12 @@ class StreamingLLM(Method):
         return config.budget - 1 - self.sink_tokens, self.sink_tokens
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        positions = ctx.positions[..., : ctx.num_old].float()
+        positions = ctx.positions[..., : ctx.num_old].double()
+        # Scores rank by position, so the sinks' bonus must exceed every position, not the
+        # cache length: with `kv_len` the sinks lost to tokens past ~3x the budget.
+        span = ctx.positions.amax().double() + 1
         sinks = positions < self.sink_tokens
-        return torch.where(sinks, 2.0 * ctx.kv_len + (ctx.kv_len - positions), positions)
+        return torch.where(sinks, 2.0 * span + (span - positions), positions)
 
     @property
     def sinks_to_rotate(self) -> int:
