@@ -5,9 +5,9 @@ default kernel, per weight shape [N, K], and whether each kernel's rows change w
 - CUDA (bf16): invariant = `thinfer.kernels.invariant_matmul.invariant_linear` (Triton,
   fixed tiles and K order), default = `F.linear` (cuBLAS). Each timed call is a CUDA graph
   replay after an L2-evicting write.
-- CPU (fp32): invariant = `tiled_linear` over oneDNN's packed weights (16-row tiles, or
-  1-row tiles where `row_invariance_self_test` fails, as the engine does), default = the
-  packed oneDNN call on all M rows at once, and `mkl` = plain `F.linear`. perf_counter.
+- CPU (fp32): invariant = `tiled_linear` over oneDNN's packed weights with the tile sizes
+  `choose_tiles` verifies for the shape (as the engine does), default = the packed oneDNN
+  call on all M rows at once, and `mkl` = plain `F.linear`. perf_counter.
 
 Invariance: x is one [max M, K] tensor; for each M the kernel gets its first M rows, and a
 kernel is invariant for a shape when row 0 (and every other of the M rows) is bitwise the
