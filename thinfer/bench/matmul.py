@@ -174,6 +174,10 @@ def run_matmul(args: argparse.Namespace) -> dict[str, Any]:
     shapes = parse_shapes(args.shapes or DEFAULT_SHAPES[device.type])
     ms = powers_of_two(DEFAULT_MAX_M[device.type] if args.max_m is None else args.max_m)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":  # the engine's allocator settings: tile buffers are reused memory
+        from thinfer.engine.cpu_malloc import tune_malloc_for_decode
+
+        tune_malloc_for_decode()
     results: dict[str, Any] = {}
     for label, n, k in shapes:
         entry = measure_shape(n, k, ms, device, dtype, args)
