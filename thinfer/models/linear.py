@@ -38,11 +38,11 @@ class Linear(nn.Module):
         self.quantized: tuple[str, torch.Tensor, torch.Tensor] | None = None
         # Batch-invariant mode (`set_batch_invariant`): the CPU tile ladder, or () for the
         # Triton kernel on CUDA; None: the paths below, whose results depend on the batch.
-        self.invariant_rows: tuple[int, ...] | None = None
+        self.invariant_tiles: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to x [..., in_features]."""
-        if self.invariant_rows is not None:
+        if self.invariant_tiles is not None:
             return self._invariant(x)
         if self.dataflow is not None and x.dim() == 2:
             out_features, in_features = self.weight.shape
@@ -62,13 +62,13 @@ class Linear(nn.Module):
     def _invariant(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] through the batch-invariant path (`set_batch_invariant`)."""
         rows = x.reshape(-1, x.shape[-1])
-        if self.invariant_rows == ():
+        if self.invariant_tiles == ():
             from thinfer.kernels.invariant_matmul import invariant_linear
 
             out = invariant_linear(rows, self.weight, self.bias)
         else:
             matmul = plain_matmul(self.weight, self._packed)
-            out = tiled_linear(rows, matmul, self.weight.shape[0], self.bias, self.invariant_rows)
+            out = tiled_linear(rows, matmul, self.weight.shape[0], self.bias, self.invariant_tiles)
         return out.view(*x.shape[:-1], self.weight.shape[0])
 
     def pack(self) -> bool:
@@ -177,7 +177,7 @@ def set_batch_invariant(model: nn.Module, enabled: bool) -> dict[str, tuple[int,
         if not isinstance(module, Linear):
             continue
         if not enabled:
-            module.invariant_rows = None
+            module.invariant_tiles = None
             continue
         if module.quantized is not None or module.dataflow is not None:
             what = "quantized weights" if module.quantized is not None else "a gemm dataflow table"
@@ -185,8 +185,8 @@ def set_batch_invariant(model: nn.Module, enabled: bool) -> dict[str, tuple[int,
         out_features, in_features = module.weight.shape
         key = f"{out_features}x{in_features}"
         if key not in chosen:
-            chosen[key] = _invariant_rows(module)
-        module.invariant_rows = chosen[key]
+            chosen[key] = _invariant_tiles(module)
+        module.invariant_tiles = chosen[key]
     return chosen
 
 
@@ -195,7 +195,7 @@ def set_batch_invariant(model: nn.Module, enabled: bool) -> dict[str, tuple[int,
 _TILES_BY_SHAPE: dict[tuple[int, int, torch.dtype, bool], tuple[int, ...]] = {}
 
 
-def _invariant_rows(module: Linear) -> tuple[int, ...]:
+def _invariant_tiles(module: Linear) -> tuple[int, ...]:
     weight = module.weight.detach()
     if weight.device.type == "cuda":
         return ()
