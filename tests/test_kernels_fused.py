@@ -26,7 +26,7 @@ from thinfer.kernels.rmsnorm import (  # noqa: E402
 )
 from thinfer.kernels.rope import apply_rope_inplace, apply_rope_reference  # noqa: E402
 from thinfer.kernels.silu_mul import silu_and_mul, silu_and_mul_reference  # noqa: E402
-from thinfer.models.llama import RMSNorm  # noqa: E402
+from thinfer.models.norm import RMSNorm  # noqa: E402
 from thinfer.models.rope import RotaryEmbedding, apply_rope  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -11,8 +11,11 @@ from tqdm import tqdm
 from thinfer.attention.backend import select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig
+from thinfer.distributed.launch import launch
+from thinfer.distributed.spec import EngineSpec
 from thinfer.engine.deterministic import check_deterministic_config
 from thinfer.engine.factory import LoadedModel, build_engine, resolve_model
+from thinfer.engine.llm_engine import LLMEngine
 from thinfer.models.fused import select_layer_ops
 from thinfer.outputs import RequestOutput
 from thinfer.sampling_params import SamplingParams
@@ -40,6 +43,9 @@ class LLM:
     group-wise int4 weights on the CPU (see `thinfer.models.int4`; None: as loaded).
     `deterministic=True` makes each request's token ids and logprobs bitwise independent of
     its batch (batch-invariant kernels, at a cost; see docs/determinism.md).
+    `tensor_parallel_size=N` splits the model and its KV cache over N processes (N GPUs, or
+    N CPU processes over gloo), spawned here or started by torchrun; call `close()` (or use
+    the LLM as a context manager) to stop them. See docs/distributed.md.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class LLM:
         gemm_dataflow: str | None = None,
         quantization: str | None = None,
         deterministic: bool = False,
+        tensor_parallel_size: int = 1,
     ) -> None:
         config = EngineConfig(
             max_num_seqs=max_num_seqs,
@@ -86,21 +93,45 @@ class LLM:
         if not isinstance(model, LoadedModel):  # a bad backend choice fails before loading
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             select_layer_ops(config.fused_ops, select_backend(config.attention_backend, dev), dev)
-        loaded = resolve_model(
-            model,
-            dtype=dtype,
-            device=device,
-            load_format=load_format,
-            seed=seed,
-            quantization=quantization,
-        )
+        if tensor_parallel_size != 1:
+            loaded, self.engine = _start_parallel(
+                model,
+                dtype,
+                device,
+                load_format,
+                quantization,
+                config,
+                kv_compression,
+                tensor_parallel_size,
+            )
+        else:
+            loaded = resolve_model(
+                model,
+                dtype=dtype,
+                device=device,
+                load_format=load_format,
+                seed=seed,
+                quantization=quantization,
+            )
+            self.engine = build_engine(loaded, config, kv_compression=kv_compression)
         self.loaded = loaded
-        self.engine = build_engine(loaded, config, kv_compression=kv_compression)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.source = loaded.source
         self.max_model_len = self.engine.max_model_len
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's other processes (tensor parallelism); a no-op otherwise."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ----- batch generation -------------------------------------------------------------
     def generate(
@@ -196,6 +227,36 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         return ids
+
+
+def _start_parallel(
+    model: str | LoadedModel | None,
+    dtype: str | torch.dtype,
+    device: str | None,
+    load_format: str,
+    quantization: str | None,
+    config: EngineConfig,
+    kv_compression: CompressionConfig | dict[str, object] | None,
+    world_size: int,
+) -> tuple[LoadedModel, LLMEngine]:
+    """The driver of a tensor-parallel engine (see `thinfer.distributed`)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {world_size!r}")
+    if isinstance(model, LoadedModel):
+        raise ValueError(
+            "tensor_parallel_size > 1 loads each rank's shard itself: pass a model path, "
+            "not a loaded model"
+        )
+    if config.deterministic:
+        raise ValueError(
+            "deterministic=True is not available with tensor_parallel_size > 1 (the "
+            "all-reduce order is not part of its batch-invariance checks)"
+        )
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = EngineSpec(
+        model, dtype, dev.type, load_format, config.seed, quantization, config, kv_compression
+    )
+    return launch(spec, world_size)
 
 
 def raise_if_failed(out: RequestOutput) -> None:

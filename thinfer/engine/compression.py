@@ -25,10 +25,12 @@ from thinfer.compression.method import Method, PrepareContext
 from thinfer.compression.selection import SequenceView, select_slots
 from thinfer.compression.slot_state import SlotState
 from thinfer.config import ModelConfig
+from thinfer.engine.exchange import StepExchange
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.engine.sequence import Sequence
 from thinfer.models.rope import RotaryEmbedding, rotate
+from thinfer.models.shards import ShardLayout, full_layout
 
 
 @dataclass
@@ -57,6 +59,12 @@ class CompressionStage:
     backend add up exactly (shared scoring sums them over layers and heads instead of
     averaging: the same order of slots, still exact), and the predictor called one row at a
     time (one shape, so its matmuls cannot change with the batch).
+
+    Under tensor parallelism (`exchange` and `layout` of several ranks) each rank holds the
+    state of its own KV heads: per-head methods decide on each rank for its heads (the same
+    budget everywhere, so every rank compacts to the same length: checked), shared methods
+    decide on the driver from attention summed over all ranks' heads (or from the hidden
+    state every rank has) and send the kept slots to the others.
     """
 
     def __init__(
@@ -66,9 +74,13 @@ class CompressionStage:
         rotary: RotaryEmbedding,
         prepare_context: PrepareContext,
         deterministic: bool = False,
+        exchange: StepExchange | None = None,
+        layout: ShardLayout | None = None,
     ) -> None:
         self.deterministic = deterministic
         self.model_config = model_config
+        self.exchange = exchange or StepExchange()
+        self.layout = layout or full_layout(model_config)
         self.kv_cache = kv_cache
         self.rotary = rotary
         self.prepare_context = prepare_context
@@ -78,7 +90,15 @@ class CompressionStage:
     def resources(self, config: CompressionConfig) -> Any:
         """What the config's method needs (its `prepare`; DynTS heads are cached per file by
         `load_predictor`); raises ValueError for a bad file, so the request fails at
-        admission."""
+        admission, or for a per-head method where KV heads are replicated across ranks."""
+        if config.per_head and self.layout.kv_replicas > 1:
+            raise ValueError(
+                f"kv_compression {config.method!r} scores each KV head, but with "
+                f"tensor_parallel_size {self.layout.world_size} above the model's "
+                f"{self.model_config.num_key_value_heads} KV heads each head is replicated "
+                "and its attention split across ranks; use shared scoring (per_head=False) "
+                "or a tensor_parallel_size that divides the KV heads"
+            )
         return config.params.prepare(self.prepare_context)
 
     def attach(self, seq: Sequence, config: CompressionConfig | None) -> None:
@@ -86,7 +106,7 @@ class CompressionStage:
         if config is None or config.method == "full":
             seq.compression = None
             return
-        prefix = (self.model_config.num_hidden_layers, self.model_config.num_key_value_heads)
+        prefix = (self.model_config.num_hidden_layers, self.layout.num_kv_heads)
         state = SlotState(
             prefix if config.per_head else (),
             config.params.slot_values,
@@ -135,7 +155,11 @@ class CompressionStage:
                 if item.samples and comp.method.signals().hidden_states:
                     hidden_rows[comp.method.batch_key()].append((row, comp))
             row += item.samples
-        groups = list(hidden_rows.values())
+        groups = [  # shared decisions are the driver's: other ranks need no scores
+            rows
+            for rows in hidden_rows.values()
+            if self.exchange.is_driver or rows[0][1].config.per_head
+        ]
         if self.deterministic:  # one row per call: the predictor sees one shape only
             groups = [[row] for rows in groups for row in rows]
         with torch.inference_mode():
@@ -181,10 +205,12 @@ class CompressionStage:
             received = comp.state.value("attention")
             if comp.config.per_head:
                 received += sums
-            elif self.deterministic:
-                received += sums.sum(dim=(0, 1))  # exact; ranks the slots as the mean does
+            elif self.deterministic:  # exact; ranks the slots as the mean does
+                received += self.exchange.sum_over_ranks(sums.sum(dim=(0, 1)))
             else:
-                received += sums.mean(dim=(0, 1))
+                cfg = self.model_config
+                total = self.exchange.sum_over_ranks(sums.sum(dim=(0, 1)))
+                received += total / (cfg.num_hidden_layers * cfg.num_key_value_heads)
         queries = capture.queries(index)
         if queries is not None:
             if comp.queries is not None:
@@ -209,15 +235,23 @@ class CompressionStage:
             lambda: seq.all_token_ids,
         )
         wants_keys = comp.method.signals().keys
-        chosen = select_slots(
-            comp.config,
-            comp.state,
-            view,
-            resources=comp.resources,
-            layer_keys=(lambda layer: self.kv_cache.layer_keys(seq, layer)) if wants_keys else None,
-            queries=comp.queries,
-            num_layers=self.model_config.num_hidden_layers,
-        )
+
+        def decide() -> tuple[torch.Tensor, int] | None:
+            return select_slots(
+                comp.config,
+                comp.state,
+                view,
+                resources=comp.resources,
+                layer_keys=(lambda i: self.kv_cache.layer_keys(seq, i)) if wants_keys else None,
+                queries=comp.queries,
+                num_layers=self.model_config.num_hidden_layers,
+            )
+
+        if comp.config.per_head:  # each rank for its own heads, to one common length
+            chosen = decide()
+            self.exchange.check_same(-1 if chosen is None else chosen[1], "compacted length")
+        else:
+            chosen = self.exchange.shared_keep(decide)
         if chosen is None:
             return
         plan = plan_compaction(*chosen)

@@ -8,6 +8,7 @@ so do benchmarks and tests that need an engine with other settings: they build a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,13 @@ from thinfer.engine.deterministic import (
     make_batch_invariant,
     make_batch_variant,
 )
+from thinfer.engine.exchange import StepExchange
 from thinfer.engine.kv_cache import KVCache, auto_num_blocks
 from thinfer.engine.llm_engine import LLMEngine
 from thinfer.loading import load_checkpoint
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.models import build_model
+from thinfer.models.collectives import SINGLE_PROCESS, Collectives
 from thinfer.models.fused import select_layer_ops
 from thinfer.models.linear import (
     QUANTIZATIONS,
@@ -35,6 +38,7 @@ from thinfer.models.linear import (
     set_gemm_dataflow,
 )
 from thinfer.models.llama import LlamaForCausalLM
+from thinfer.models.shards import plan_shards
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,14 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     quantization: str | None = None,
+    rank: int = 0,
+    collectives: Collectives = SINGLE_PROCESS,
 ) -> LoadedModel:
     """Load `model` (a HF directory, a GGUF file, a dummy preset with `load_format="dummy"`,
     or None for the embedded SmolLM2-135M GGUF); dummy weights are drawn from `seed`.
     `quantization="int4"` runs the linear layers on int4 weights (CPU, fp32; see
-    `thinfer.models.int4`)."""
+    `thinfer.models.int4`). Under tensor parallelism (`collectives` over several ranks) only
+    the shard of rank `rank` is loaded (`thinfer.models.shards`)."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(
             f"quantization: unknown method {quantization!r}; use None or one of {QUANTIZATIONS}"
@@ -90,7 +97,8 @@ def load_model(
             f"{dev.type}"
         )
     checkpoint = load_checkpoint(model, load_format)
-    net = build_model(checkpoint.config, torch_dtype, dev)
+    layout = plan_shards(checkpoint.config, collectives.world_size)[rank]
+    net = build_model(checkpoint.config, torch_dtype, dev, layout, collectives)
     if checkpoint.tensors is None:
         net.init_dummy_weights(seed)
     else:
@@ -137,9 +145,14 @@ def build_engine(
     device: str | torch.device | None = None,
     load_format: str = "auto",
     kv_compression: CompressionConfig | dict[str, object] | None = None,
+    exchange: StepExchange | None = None,
+    engine_class: type[LLMEngine] = LLMEngine,
 ) -> LLMEngine:
     """An engine over `model` (loaded here with `load_model`, or already loaded) with the
     settings of `config`; `kv_compression` is the default compression of its requests.
+    Under tensor parallelism `model` is this rank's shard, `exchange` joins the ranks (all
+    of them get the same number of KV blocks, the least any can hold) and `engine_class`
+    is the driver's or a worker's engine (`thinfer.distributed`).
 
     Raises ValueError if `config.max_model_len` exceeds the model's context, or if dtype,
     device or load_format are given with an already loaded model.
@@ -167,11 +180,22 @@ def build_engine(
         set_gemm_dataflow(loaded.net, gemm_table(config.gemm_dataflow, dev))
     loaded.net.set_attention_backend(backend)
     loaded.net.set_layer_ops(ops)
-    num_blocks = config.num_kv_blocks or auto_num_blocks(
-        loaded.config, config, max_model_len, torch_dtype, dev
+    exchange = exchange or StepExchange()
+    local = loaded.net.layout.local_config(loaded.config)  # this rank's KV heads
+    num_blocks = config.num_kv_blocks or exchange.min_over_ranks(
+        auto_num_blocks(local, _per_rank(config, exchange, dev), max_model_len, torch_dtype, dev)
     )
-    kv_cache = KVCache(loaded.config, num_blocks, config.block_size, torch_dtype, dev)
+    kv_cache = KVCache(local, num_blocks, config.block_size, torch_dtype, dev)
     compression = CompressionConfig.coerce(kv_compression)  # type: ignore[arg-type]
-    return LLMEngine(
-        loaded.net, loaded.tokenizer, config, kv_cache, max_model_len, dev, compression
+    return engine_class(
+        loaded.net, loaded.tokenizer, config, kv_cache, max_model_len, dev, compression, exchange
     )
+
+
+def _per_rank(config: EngineConfig, exchange: StepExchange, device: torch.device) -> EngineConfig:
+    """On the CPU the ranks share one machine's memory: each sizes its cache from its share
+    of the fraction."""
+    if device.type != "cpu" or exchange.world_size == 1:
+        return config
+    share = config.kv_cache_memory_fraction / exchange.world_size
+    return dataclasses.replace(config, kv_cache_memory_fraction=share)

@@ -22,6 +22,7 @@ from thinfer.engine import telemetry
 from thinfer.engine.admission import check_request
 from thinfer.engine.compression import CompressionStage
 from thinfer.engine.decode_graphs import build_decode_graphs
+from thinfer.engine.exchange import StepExchange
 from thinfer.engine.forcing import choose_tokens_row_by_row
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.request_state import RequestState
@@ -43,6 +44,8 @@ class LLMEngine:
     Build one with `thinfer.engine.factory.build_engine` (or `LLM`); `config` is frozen, so an
     engine with other settings is a new engine (it may share the loaded model).
     `default_compression` is the KV-cache compression of requests that set none.
+    `exchange` joins the ranks of a tensor-parallel engine (see `thinfer.engine.exchange`);
+    the default is a single process.
     """
 
     def __init__(
@@ -54,8 +57,10 @@ class LLMEngine:
         max_model_len: int,
         device: torch.device,
         default_compression: CompressionConfig | None = None,
+        exchange: StepExchange | None = None,
     ) -> None:
         self.model = model
+        self.exchange = exchange = exchange or StepExchange()
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.config = config
@@ -64,9 +69,18 @@ class LLMEngine:
         self.scheduler = Scheduler(config, kv_cache)
         weight = next(model.parameters())
         prepare = PrepareContext(model.config.hidden_size, weight.dtype, weight.device, tokenizer)
-        rotary, deterministic = model.rotary_emb, config.deterministic
-        self.compression = CompressionStage(model.config, kv_cache, rotary, prepare, deterministic)
-        graphs = build_decode_graphs(config, model, kv_cache, max_model_len)
+        self.compression = CompressionStage(
+            model.config,
+            kv_cache,
+            model.rotary_emb,
+            prepare,
+            config.deterministic,
+            exchange,
+            model.layout,
+        )
+        graphs = None
+        if exchange.world_size == 1:  # collectives are not captured in CUDA graphs
+            graphs = build_decode_graphs(config, model, kv_cache, max_model_len)
         self.runner = ModelRunner(model, kv_cache, device, graphs, self.compression.plan_capture)
         eos = set(self.model_config.eos_token_ids)
         if tokenizer is not None:
@@ -229,7 +243,9 @@ class LLMEngine:
         sampling = [item.seq for item in batch if item.samples]
         rows = [self._sampling_row(seq) for seq in sampling]
         one_by_one = self.config.deterministic  # one shape per sampling call
-        chosen, failed = choose_tokens_row_by_row(logits, sampling, rows, one_by_one)
+        chosen, failed = self.exchange.choose_tokens(
+            sampling, lambda: choose_tokens_row_by_row(logits, sampling, rows, one_by_one)
+        )
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for seq, token in chosen:

@@ -25,7 +25,7 @@ from thinfer.models.rope import RotaryEmbedding, apply_rope
 
 if TYPE_CHECKING:
     from thinfer.attention.backend import AttentionBackend
-    from thinfer.models.llama import RMSNorm
+    from thinfer.models.norm import RMSNorm
 
 # rotate(q [T, Hq, D], k [T, Hk, D]) -> rotated (q, k), for one step's positions.
 Rotate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -11,44 +11,39 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from thinfer.attention.backend import TORCH_BACKEND, AttentionBackend
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.config import ModelConfig
+from thinfer.models.collectives import SINGLE_PROCESS, Collectives
 from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate
 from thinfer.models.linear import Linear, unpack_linears
+from thinfer.models.norm import RMSNorm
 from thinfer.models.rope import RotaryEmbedding
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32, as HF does."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize the last dimension of x."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+from thinfer.models.shards import ShardLayout, full_layout, shard_tensor
+from thinfer.models.vocab_parallel import VocabParallelEmbedding
 
 
 class Attention(nn.Module):
-    """Self-attention with GQA; keys are rotated before they are cached. `backend` writes
-    and reads the paged cache (see `LlamaForCausalLM.set_attention_backend`)."""
+    """Self-attention with GQA over this rank's heads (`layout`); keys are rotated before
+    they are cached. `backend` writes and reads the paged cache (see
+    `LlamaForCausalLM.set_attention_backend`). Under tensor parallelism o_proj is
+    row-parallel: its partial outputs are summed over the ranks."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_index: int,
+        layout: ShardLayout,
+        collectives: Collectives = SINGLE_PROCESS,
+    ) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads
         self.head_dim = cfg.head_dim
+        self.collectives = collectives
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
@@ -74,33 +69,43 @@ class Attention(nn.Module):
             meta.capture.record_queries(q)
         self.backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        return self.collectives.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)) over this rank's channels; under
+    tensor parallelism down_proj's partial outputs are summed over the ranks."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, width: int, collectives: Collectives = SINGLE_PROCESS
+    ) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * width)
+        self.down_proj = Linear(width, cfg.hidden_size)
         self.ops: LayerOps = TORCH_OPS
+        self.collectives = collectives
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+        return self.collectives.all_reduce(self.down_proj(self.ops.silu_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block whose residual add is left to the next norm (see
     `thinfer.models.fused`)."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_index: int,
+        layout: ShardLayout,
+        collectives: Collectives = SINGLE_PROCESS,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_index)
+        self.self_attn = Attention(cfg, layer_index, layout, collectives)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layout.ffn_size, collectives)
         self.ops: LayerOps = TORCH_OPS
 
     def forward(
@@ -123,11 +128,31 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder over flat token batches; `forward` returns final hidden states."""
+    """Decoder over flat token batches; `forward` returns final hidden states.
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    With a `layout` of several ranks (`thinfer.models.shards`) the model holds one rank's
+    shard and `collectives` joins the ranks: every rank ends each block, and `forward`, with
+    the full hidden states, and `compute_logits` with the full logits. `config` stays the
+    whole model's shape.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        layout: ShardLayout | None = None,
+        collectives: Collectives = SINGLE_PROCESS,
+    ) -> None:
         super().__init__()
         self.config = cfg
+        self.layout = layout = layout or full_layout(cfg)
+        if layout.world_size != collectives.world_size:
+            raise ValueError(
+                f"a layout of {layout.world_size} ranks needs collectives over as many ranks, "
+                f"got {collectives.world_size}"
+            )
+        self.collectives = collectives
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim,
             cfg.max_position_embeddings,
@@ -136,11 +161,14 @@ class LlamaForCausalLM(nn.Module):
             dtype,
             device,
         )
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(
+            layout.vocab_rows, cfg.hidden_size, layout.vocab[0], collectives
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, layout, collectives) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, layout.vocab_rows)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_backend: AttentionBackend = TORCH_BACKEND
@@ -177,8 +205,8 @@ class LlamaForCausalLM(nn.Module):
             layer.ops = layer.mlp.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states [N, hidden] -> logits [N, vocab]."""
-        return self.lm_head(hidden)
+        """Hidden states [N, hidden] -> logits [N, vocab] (on every rank)."""
+        return self.collectives.gather_vocab(self.lm_head(hidden), self.config.vocab_size)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights (std 0.02, unit norms) for benchmarks without a checkpoint.
@@ -201,7 +229,9 @@ class LlamaForCausalLM(nn.Module):
             param.data.copy_(values.mul_(0.02).to(param.dtype))
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into (fused) parameters; every parameter must be covered."""
+        """Copy HF-named tensors into (fused) parameters, each cut to this rank's shard as it
+        is read (a rank holds one whole checkpoint tensor at most, never the whole model);
+        every parameter must be covered."""
         unpack_linears(self)
         params = dict(self.named_parameters())
         loaded: set[str] = set()
@@ -212,6 +242,7 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
             param = params[name]
+            tensor = shard_tensor(hf_name, tensor, self.layout, self.config.head_dim)
             target = param.data if rows is None else param.data[rows[0] : rows[1]]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise ValueError(
@@ -248,14 +279,14 @@ class LlamaForCausalLM(nn.Module):
         if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None, None
         name = hf_name.removeprefix("model.")
-        cfg = self.config
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        layout, head_dim = self.layout, self.config.head_dim
+        q, kv, ffn = layout.num_heads * head_dim, layout.num_kv_heads * head_dim, layout.ffn_size
         fused = {
             "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
             "self_attn.k_proj": ("self_attn.qkv_proj", (q, q + kv)),
             "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, q + 2 * kv)),
-            "mlp.gate_proj": ("mlp.gate_up_proj", (0, cfg.intermediate_size)),
-            "mlp.up_proj": ("mlp.gate_up_proj", (cfg.intermediate_size, 2 * cfg.intermediate_size)),
+            "mlp.gate_proj": ("mlp.gate_up_proj", (0, ffn)),
+            "mlp.up_proj": ("mlp.gate_up_proj", (ffn, 2 * ffn)),
         }
         for part, (target, rows) in fused.items():
             if f".{part}." in name:

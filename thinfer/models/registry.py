@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from thinfer.config import ModelConfig
+from thinfer.models.collectives import SINGLE_PROCESS, Collectives
 from thinfer.models.llama import LlamaForCausalLM
+from thinfer.models.shards import ShardLayout
 
 _FAMILIES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -18,10 +20,17 @@ _FAMILIES: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """Instantiate the decoder for `cfg` (weights uninitialized)."""
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    layout: ShardLayout | None = None,
+    collectives: Collectives = SINGLE_PROCESS,
+) -> LlamaForCausalLM:
+    """Instantiate the decoder for `cfg` (weights uninitialized): the whole model, or the
+    shard of one tensor-parallel rank (`layout`, joined to the others by `collectives`)."""
     arch = cfg.architecture.lower()
     for family, cls in _FAMILIES.items():
         if arch.startswith(family):
-            return cls(cfg, dtype, device)
+            return cls(cfg, dtype, device, layout, collectives)  # type: ignore[call-arg]
     raise ValueError(f"architecture {cfg.architecture!r} is not supported: {', '.join(_FAMILIES)}")
