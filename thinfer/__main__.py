@@ -4,4 +4,5 @@ import sys
 
 from thinfer.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned tensor-parallel rank imports it
+    sys.exit(main())

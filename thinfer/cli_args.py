@@ -74,6 +74,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="batch-invariant kernels: each request's tokens and logprobs bitwise independent "
         "of its batch (slower; see docs/determinism.md)",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model and its KV cache over N processes: N GPUs, or N CPU processes "
+        "over gloo (spawned here, or the ranks of a torchrun job; see docs/distributed.md)",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -95,4 +102,5 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
         gemm_dataflow=args.gemm_dataflow,
         quantization=None if args.quantization == "none" else args.quantization,
         deterministic=args.deterministic,
+        tensor_parallel_size=args.tensor_parallel_size,
     )

@@ -103,6 +103,10 @@ class CompressionConfig:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("CompressionConfig is immutable")
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickled as its dict (sent to tensor-parallel ranks), validated again on load."""
+        return _from_dict, (self.to_dict(),)
+
     def __getattr__(self, name: str) -> Any:
         params = object.__getattribute__(self, "params")
         if name in {f.name for f in dataclasses.fields(params)}:
@@ -184,3 +188,8 @@ def all_method_names() -> tuple[str, ...]:
 
     method_class("full")  # registers the built-ins
     return BUILTIN_ORDER + tuple(name for name in METHODS if name not in BUILTIN_ORDER)
+
+
+def _from_dict(fields: dict[str, Any]) -> CompressionConfig:
+    """Unpickle a `CompressionConfig` (see `CompressionConfig.__reduce__`)."""
+    return CompressionConfig(**fields)

@@ -39,12 +39,17 @@ def select_slots(
     layer_keys: Callable[[int], torch.Tensor] | None = None,
     queries: torch.Tensor | None = None,
     num_layers: int = 0,
+    head_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int] | None:
     """(keep mask [..., kv_len] in slot order, kept count), or None while the schedule waits.
 
     `layer_keys(layer)` returns a layer's cached keys in slot order [kv_len, kv_heads, D]
     (methods that declare `Signals.keys`); `queries` are the recent queries they declared.
+    `head_mean` turns per-head scores [layers, kv_heads, n] into the one score per token of
+    shared scoring (default: their mean; under tensor parallelism, the mean over every
+    rank's heads).
     """
+    mean = head_mean or (lambda scores: scores.mean(dim=(0, 1)))
     rule = decide(config, RuleContext(view.kv_len, view.num_generated, view.prompt_len))
     if rule is None:
         return None
@@ -75,14 +80,16 @@ def select_slots(
         )
 
     if config.params.pointwise:  # score every slot where it lies: no reordering, O(slots)
-        scores = _shared(config, config.params.score(context(None, 0)))
+        scores = _shared(config, config.params.score(context(None, 0)), mean)
         keep = keep_mask(scores, state.positions, state.protected, num_recent, count)
         return keep, view.kv_len - _num_evicted(keep)
     # Methods that look at neighbours (pooling, causal windows) score in position order; the
     # same keep rule then runs there, and its mask is scattered back to slot order.
     order = torch.sort(state.positions, dim=-1, stable=True).indices
     ctx = context(order, num_recent)
-    scores = _shared(config, config.params.score(ctx)) if ctx.num_old else ctx.positions.float()
+    scores = (
+        _shared(config, config.params.score(ctx), mean) if ctx.num_old else ctx.positions.float()
+    )
     scores = scores.expand(*order.shape[:-1], -1)  # [..., num_old]; shared scores broadcast
     recent = scores.new_zeros(*order.shape[:-1], num_recent)  # never evicted by the rule
     ordered = keep_mask(
@@ -96,11 +103,15 @@ def select_slots(
     return keep, view.kv_len - _num_evicted(keep)
 
 
-def _shared(config: CompressionConfig, scores: torch.Tensor) -> torch.Tensor:
+def _shared(
+    config: CompressionConfig,
+    scores: torch.Tensor,
+    head_mean: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Per-head scores under shared scoring: one score per token, the mean over layers and
     heads."""
     if scores.dim() == 3 and not config.per_head:
-        return scores.mean(dim=(0, 1))
+        return head_mean(scores)
     return scores
 
 

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.multiprocessing as mp
 
 from thinfer.distributed.groups import RankGroups
@@ -75,6 +76,24 @@ class DriverEngine(LLMEngine):
         self._raise_if_failed()
         self._send(("step",))
         return self._guarded(super().step)
+
+    def kept_positions(self, request_id: str) -> list[torch.Tensor | None]:
+        """`LLMEngine.kept_positions` over all ranks: per-head positions joined along the KV
+        head dimension (rank order is head order); shared positions, which every rank must
+        hold alike (RuntimeError otherwise)."""
+        own = [None if p is None else p.cpu() for p in super().kept_positions(request_id)]
+        self._send(("positions", request_id))  # after the KeyError of an unknown id, if any
+        ranks = self._guarded(lambda: self.groups.gather_objects(own))  # type: ignore[union-attr]
+        merged: list[torch.Tensor | None] = []
+        for sample, own in enumerate(ranks[0]):
+            parts = [positions[sample] for positions in ranks]
+            if own is None or own.dim() > 1:
+                merged.append(None if own is None else torch.cat(parts, dim=1))
+            elif any(not torch.equal(own, part) for part in parts):
+                raise RuntimeError(f"ranks keep different slots for request {request_id!r}")
+            else:
+                merged.append(own)
+        return merged
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the workers and wait for the spawned ones to exit. Idempotent."""

@@ -45,6 +45,21 @@ class RankGroups:
         self.control.broadcast(data, 0).wait()
         return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        self.control.allgather([sizes], [torch.tensor([data.numel()])]).wait()
+        longest = max(int(size) for size in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: data.numel()] = data
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self.control.allgather([parts], [padded]).wait()
+        return [
+            pickle.loads(part[: int(size)].numpy().tobytes())
+            for part, size in zip(parts, sizes, strict=True)
+        ]
+
     def reduce_ints(self, values: list[int], op: dist.ReduceOp) -> list[int]:
         """Integers reduced by `op` (MIN, MAX, SUM) over the ranks."""
         tensor = torch.tensor(values, dtype=torch.long)

@@ -40,9 +40,10 @@ class RankExchange(StepExchange):
         return [(seqs[i], t) for i, t in picked], [(seqs[i], why) for i, why in broken]
 
     def shared_keep(self, decide: Callable[[], Keep]) -> Keep:
-        """The driver's decision (keep mask, kept count), sent to every rank."""
+        """Every rank decides (taking part in the score sums); the driver's decision (keep
+        mask, kept count) is sent to every rank."""
+        keep = decide()
         if self.is_driver:
-            keep = decide()
             self.groups.broadcast_object(None if keep is None else (keep[0].cpu(), keep[1]))
             return keep
         received = self.groups.broadcast_object()

@@ -54,6 +54,11 @@ def run_worker(spec: EngineSpec, groups: RankGroups, device: torch.device) -> in
     return 0
 
 
+def cpu_positions(engine: LLMEngine, request_id: str) -> list[torch.Tensor | None]:
+    """`engine.kept_positions(request_id)` on the CPU, ready to be sent."""
+    return [None if p is None else p.cpu() for p in engine.kept_positions(request_id)]
+
+
 def serve_commands(engine: LLMEngine, groups: RankGroups) -> None:
     """Apply the driver's commands to `engine` until it says stop."""
     while True:
@@ -65,6 +70,8 @@ def serve_commands(engine: LLMEngine, groups: RankGroups) -> None:
             engine.add_request(*command[1:])
         elif kind == "abort":
             engine.abort_request(command[1])
+        elif kind == "positions":
+            groups.gather_objects(cpu_positions(engine, command[1]))
         elif kind == "stop":
             return
         else:

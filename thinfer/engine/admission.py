@@ -1,4 +1,5 @@
-"""`check_request`: whether a request can run to completion, decided before it is queued.
+"""`check_request`: whether a request can run to completion, decided before it is queued;
+`tokenize_prompt`: a prompt's token ids, checked against the vocabulary.
 
 Everything a request could make fail later, inside a step shared with other requests, is
 checked here against the engine's model and cache: its length against the context, its
@@ -10,7 +11,30 @@ from __future__ import annotations
 
 from thinfer.compression import CompressionConfig
 from thinfer.engine.compression import peak_slots
+from thinfer.loading.tokenizer import Tokenizer
 from thinfer.sampling_params import SamplingParams
+
+
+def tokenize_prompt(
+    prompt: str | list[int], tokenizer: Tokenizer | None, vocab_size: int
+) -> tuple[str | None, list[int]]:
+    """(text, token ids) of a prompt given as text or ids; ValueError for an empty prompt,
+    text without a tokenizer, or an id outside [0, vocab_size)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: give prompts as token ids")
+        return prompt, tokenizer.encode(prompt)
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = [
+        t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
+    ]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]!r} is not an integer in [0, {vocab_size})")
+    return None, ids
 
 
 def check_request(

@@ -91,13 +91,14 @@ class CompressionStage:
         """What the config's method needs (its `prepare`; DynTS heads are cached per file by
         `load_predictor`); raises ValueError for a bad file, so the request fails at
         admission, or for a per-head method where KV heads are replicated across ranks."""
-        if config.per_head and self.layout.kv_replicas > 1:
+        if self.layout.kv_replicas > 1 and (config.per_head or config.params.signals().keys):
             raise ValueError(
-                f"kv_compression {config.method!r} scores each KV head, but with "
-                f"tensor_parallel_size {self.layout.world_size} above the model's "
+                f"kv_compression {config.method!r} ({config.scoring} scoring) scores each KV "
+                f"head from its queries, but with tensor_parallel_size "
+                f"{self.layout.world_size} above the model's "
                 f"{self.model_config.num_key_value_heads} KV heads each head is replicated "
-                "and its attention split across ranks; use shared scoring (per_head=False) "
-                "or a tensor_parallel_size that divides the KV heads"
+                "and its queries split across ranks; use a tensor_parallel_size that divides "
+                "the KV heads, or a method scored from attention sums or hidden states"
             )
         return config.params.prepare(self.prepare_context)
 
@@ -245,6 +246,7 @@ class CompressionStage:
                 layer_keys=(lambda i: self.kv_cache.layer_keys(seq, i)) if wants_keys else None,
                 queries=comp.queries,
                 num_layers=self.model_config.num_hidden_layers,
+                head_mean=self._head_mean,
             )
 
         if comp.config.per_head:  # each rank for its own heads, to one common length
@@ -258,6 +260,13 @@ class CompressionStage:
         self.kv_cache.compact(seq, plan)
         comp.state.apply(plan)
         self._rotate_sinks(seq, comp)
+
+    def _head_mean(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-head scores [layers, this rank's KV heads, n] -> their mean over the layers
+        and every rank's KV heads [n]."""
+        cfg = self.model_config
+        total = self.exchange.sum_over_ranks(scores.sum(dim=(0, 1)))
+        return total / (cfg.num_hidden_layers * cfg.num_key_value_heads)
 
     def _rotate_sinks(self, seq: Sequence, comp: SequenceCompression) -> None:
         """StreamingLLM with reassigned positions: re-rotate the sinks (slots 0..s-1, never

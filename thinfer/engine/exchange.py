@@ -37,8 +37,9 @@ class StepExchange:
         return choose()
 
     def shared_keep(self, decide: Callable[[], Keep]) -> Keep:
-        """The (keep mask, kept count) of a shared-selection method: `decide()` on the
-        driver, received from it elsewhere."""
+        """The (keep mask, kept count) of a shared-selection method: every rank runs
+        `decide()` (its scores may be summed over the ranks' heads), the driver's result is
+        the one every rank keeps."""
         return decide()
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:

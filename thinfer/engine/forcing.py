@@ -20,6 +20,17 @@ def is_forcing(seq: Sequence) -> bool:
     return len(seq.output_token_ids) < len(seq.params.forced_tokens)
 
 
+def sampling_row(seq: Sequence, eos_token_ids: set[int]) -> SamplingRow:
+    """The sampler's input for `seq` this step: EOS and stop ids are banned until
+    `min_tokens` tokens were generated."""
+    params = seq.params
+    seen = seq.all_token_ids if params.repetition_penalty != 1.0 else []
+    banned: list[int] = []
+    if len(seq.output_token_ids) < params.min_tokens:
+        banned = sorted(eos_token_ids | set(params.stop_token_ids))
+    return SamplingRow(params, seq.generator, seen, banned)
+
+
 def choose_tokens_row_by_row(
     logits: torch.Tensor,
     seqs: list[Sequence],

@@ -19,15 +19,14 @@ from thinfer.compression import CompressionConfig
 from thinfer.compression.method import PrepareContext
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
-from thinfer.engine.admission import check_request
+from thinfer.engine.admission import check_request, tokenize_prompt
 from thinfer.engine.compression import CompressionStage
 from thinfer.engine.decode_graphs import build_decode_graphs
 from thinfer.engine.exchange import StepExchange
-from thinfer.engine.forcing import choose_tokens_row_by_row
+from thinfer.engine.forcing import choose_tokens_row_by_row, sampling_row
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.request_state import RequestState
 from thinfer.engine.runner import ModelRunner
-from thinfer.engine.sampler import SamplingRow
 from thinfer.engine.scheduler import ScheduledSequence, Scheduler
 from thinfer.engine.sequence import Sequence
 from thinfer.engine.stopping import append_text, check_stop, start_detokenizer
@@ -99,22 +98,7 @@ class LLMEngine:
     # ----- requests -------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         """Validate a prompt (text or token ids) and return (text, token ids)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: give prompts as token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [
-            t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
-        ]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is not an integer in [0, {vocab})")
-        return None, ids
+        return tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     def validate(self, prompt_len: int, params: SamplingParams) -> None:
         """Raise ValueError if this request can never run to completion (see
@@ -217,6 +201,13 @@ class LLMEngine:
         """Unfinished requests with no sample running (queued, or all samples preempted)."""
         return len(self._requests) - self.get_num_running_requests()
 
+    def kept_positions(self, request_id: str) -> list[torch.Tensor | None]:
+        """Per sample of a running request: the token position each KV slot holds
+        ([layers, KV heads, slots] under per-head compression, [slots] under shared), None
+        under the full cache (slot = position). KeyError for an unknown or finished id."""
+        seqs = self._requests[request_id].seqs
+        return [None if s.compression is None else s.compression.state.positions for s in seqs]
+
     @property
     def num_preemptions(self) -> int:
         """Sequences preempted (swapped out) since the engine started."""
@@ -241,7 +232,7 @@ class LLMEngine:
         self._record_peak_kv(batch)
         self.compression.observe(batch, capture, hidden)
         sampling = [item.seq for item in batch if item.samples]
-        rows = [self._sampling_row(seq) for seq in sampling]
+        rows = [sampling_row(seq, self.eos_token_ids) for seq in sampling]
         one_by_one = self.config.deterministic  # one shape per sampling call
         chosen, failed = self.exchange.choose_tokens(
             sampling, lambda: choose_tokens_row_by_row(logits, sampling, rows, one_by_one)
@@ -269,14 +260,6 @@ class LLMEngine:
             self.compression.seconds,
         )
         return outputs
-
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        params = seq.params
-        seen = seq.all_token_ids if params.repetition_penalty != 1.0 else []
-        banned: list[int] = []
-        if len(seq.output_token_ids) < params.min_tokens:
-            banned = sorted(self.eos_token_ids | set(params.stop_token_ids))
-        return SamplingRow(params, seq.generator, seen, banned)
 
     def _append_token(
         self,

@@ -117,6 +117,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if engine.failure is not None:
+            return JSONResponse({"status": "failed", "error": engine.failure}, status_code=503)
         step = engine.step_running_seconds
         if step > stall_seconds:
             return JSONResponse({"status": "stalled", "step_seconds": step}, status_code=503)

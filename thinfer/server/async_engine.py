@@ -96,6 +96,11 @@ class AsyncEngine:
         return 0.0 if started is None else time.monotonic() - started
 
     @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more (a tensor-parallel rank died), or None."""
+        return getattr(self.engine, "failure", None)
+
+    @property
     def accepting(self) -> bool:
         """False once shutdown began."""
         return self._accepting

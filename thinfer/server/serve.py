@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
 
+    from thinfer.llm import LLM
     from thinfer.server.async_engine import AsyncEngine
     from thinfer.server.compression_policy import CompressionPolicy
+    from thinfer.server.limits import ServerLimits
 
 logger = logging.getLogger("thinfer.server")
 
@@ -72,8 +74,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve until SIGTERM / SIGINT; returns the exit status."""
     from thinfer.cli_args import llm_kwargs
     from thinfer.llm import LLM
-    from thinfer.server.app import create_app
-    from thinfer.server.connections import guarded_h11
     from thinfer.server.limits import ServerLimits
     from thinfer.server.serve_args import allowed_hosts_of, api_key_of, check_serve_args
 
@@ -93,6 +93,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     llm = LLM(**llm_kwargs(args), kv_compression=default_compression)  # type: ignore[arg-type]
+    try:
+        return _serve(args, llm, api_key, allowed_hosts, policy, limits)
+    finally:
+        llm.close()  # stops the other ranks of a tensor-parallel engine
+
+
+def _serve(
+    args: argparse.Namespace,
+    llm: LLM,
+    api_key: str | None,
+    allowed_hosts: list[str] | None,
+    policy: CompressionPolicy,
+    limits: ServerLimits,
+) -> int:
+    """Serve `llm` as `cmd_serve` was asked to."""
+    from thinfer.server.app import create_app
+    from thinfer.server.connections import guarded_h11
+
     name = args.served_model_name or _default_model_name(args.model or llm.source)
     app = create_app(
         llm,
@@ -106,10 +124,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
     )
     logger.info("serving %r on http://%s:%d", name, args.host, args.port)
-    limits: dict[str, Any] = {"limit_concurrency": args.limit_concurrency}
-    limits["timeout_keep_alive"] = args.timeout_keep_alive
-    limits["http"] = guarded_h11(args.timeout_idle_connection)
-    return serve_app(app, args.host, args.port, args.shutdown_grace, args.log_level, limits)
+    uvicorn_limits: dict[str, Any] = {"limit_concurrency": args.limit_concurrency}
+    uvicorn_limits["timeout_keep_alive"] = args.timeout_keep_alive
+    uvicorn_limits["http"] = guarded_h11(args.timeout_idle_connection)
+    return serve_app(app, args.host, args.port, args.shutdown_grace, args.log_level, uvicorn_limits)
 
 
 def serve_app(

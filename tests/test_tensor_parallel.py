@@ -1,0 +1,160 @@
+"""Tensor parallelism on CPU: 2 gloo ranks (spawned processes) against the single process.
+
+The default model has 3 KV heads, so its two ranks hold 1 and 2 of them (an uneven split);
+a tiny HF checkpoint with 2 KV heads runs on 4 ranks, where each KV head is replicated.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compression_utils import BUDGET, MAX_TOKENS, combos, config_for, write_random_predictor
+from conftest import with_engine
+from default_model import require_default_model
+
+from thinfer import LLM, SamplingParams
+from thinfer.compression import CompressionConfig
+from thinfer.loading import load_checkpoint
+from thinfer.models.shards import plan_shards, shard_tensor
+
+BLOCKS = 48  # 768 slots: the six long requests below must preempt
+
+
+@pytest.fixture(scope="module")
+def tp_llm():
+    require_default_model()
+    with LLM(dtype="float32", device="cpu", num_kv_blocks=BLOCKS, tensor_parallel_size=2) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return with_engine(llm, num_kv_blocks=BLOCKS)
+
+
+def greedy(max_tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)
+
+
+def test_shard_plans_cover_the_model_once():
+    """Uneven KV groups, replicated KV heads, and the splits that cannot be made."""
+    require_default_model()
+    checkpoint = load_checkpoint(None)
+    cfg = checkpoint.config
+    two = plan_shards(cfg, 2)
+    assert [p.kv_heads for p in two] == [(0, 1), (1, 3)]
+    assert [p.heads for p in two] == [(0, 3), (3, 9)]
+    assert [p.ffn for p in two] == [(0, 768), (768, 1536)]
+    six = plan_shards(cfg, 6)  # each of the 3 KV heads on 2 ranks, its 3 query heads split
+    assert [p.kv_heads for p in six] == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3)]
+    assert [p.heads for p in six] == [(0, 1), (1, 3), (3, 4), (4, 6), (6, 7), (7, 9)]
+    assert all(p.kv_replicas == 2 for p in six)
+    for bad, why in [(4, "not a multiple"), (12, "only 3 query heads"), (0, "positive")]:
+        with pytest.raises(ValueError, match=why):
+            plan_shards(cfg, bad)
+    full = dict(checkpoint.tensors())
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ):
+        dim = 1 if "o_proj" in name or "down_proj" in name else 0
+        parts = [shard_tensor(name, full[name], p, cfg.head_dim) for p in two]
+        assert torch.equal(torch.cat(parts, dim=dim), full[name]), name
+    embed = [
+        shard_tensor("model.embed_tokens.weight", full["model.embed_tokens.weight"], p, 64)
+        for p in plan_shards(cfg, 9)
+    ]  # 49152 rows = 8 x 5462 + 5456: the last padded
+    assert all(e.shape[0] == 5462 for e in embed)
+    assert torch.equal(torch.cat(embed)[: cfg.vocab_size], full["model.embed_tokens.weight"])
+    assert not embed[-1][5456:].any()
+
+
+def test_two_ranks_give_the_single_process_tokens_and_logprobs(tp_llm, reference, english_prompts):
+    params = greedy(24, logprobs=2)
+    expected = reference.generate(english_prompts[:6], params)
+    got = tp_llm.generate(english_prompts[:6], params)
+    for want, have in zip(expected, got, strict=True):
+        a, b = want.outputs[0], have.outputs[0]
+        assert a.token_ids == b.token_ids
+        assert a.text == b.text
+        for la, lb, token in zip(a.logprobs, b.logprobs, a.token_ids, strict=True):
+            assert abs(la[token] - lb[token]) < 1e-4
+
+
+def _run_for(llm: LLM, prompts: list[str], configs: list, steps: int) -> dict:
+    """Add one request per config, step `steps` times; tokens and kept positions per id."""
+    engine = llm.engine
+    ids = []
+    for i, (prompt, config) in enumerate(zip(prompts, configs, strict=True)):
+        params = greedy(MAX_TOKENS + 20, kv_compression=config)
+        ids.append(engine.add_request(prompt, params, f"c{i}"))
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(steps):
+        for out in engine.step():
+            tokens[out.request_id] += out.outputs[0].delta_token_ids
+    kept = {i: engine.kept_positions(i)[0] for i in ids}
+    for request_id in ids:
+        engine.abort_request(request_id)
+    assert engine.kv_cache.num_used_blocks == 0
+    return {i: (tokens[i], kept[i]) for i in ids}
+
+
+def test_every_compression_method_keeps_the_single_process_slots(
+    tp_llm, reference, english_prompts, tmp_path
+):
+    """Each method and scoring mode under its native trigger: after MAX_TOKENS steps the
+    same tokens, and the same token in every KV slot (per head: both ranks' heads)."""
+    predictor = write_random_predictor(tmp_path, reference)
+    cases = [c for c in combos() if c[1] == "native"]
+    configs = [CompressionConfig.coerce(config_for(*c, predictor)) for c in cases]
+    prompts = [english_prompts[i % 4] for i in range(len(cases))]
+    expected = _run_for(reference, prompts, configs, 1 + MAX_TOKENS)
+    got = _run_for(tp_llm, prompts, configs, 1 + MAX_TOKENS)
+    for case, request_id in zip(cases, expected, strict=True):
+        (want_tokens, want_kept), (tokens, kept) = expected[request_id], got[request_id]
+        assert tokens == want_tokens, case
+        assert want_kept.shape[-1] <= BUDGET + 8, case  # it did evict
+        assert torch.equal(kept.cpu(), want_kept.cpu()), case
+
+
+def test_preemption_and_abort_match_the_single_process(tp_llm, reference, english_prompts):
+    """Six long requests overflow the 48-block pool (sequences are swapped out and back);
+    one more is aborted mid-way: the others' outputs equal the single process's."""
+    prompts = english_prompts[:6]
+    params = greedy(150)
+    before = tp_llm.engine.num_preemptions
+    expected = reference.generate(prompts, params)
+    got = tp_llm.generate(prompts, params)
+    assert tp_llm.engine.num_preemptions > before
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    engine = tp_llm.engine
+    engine.add_request(english_prompts[0], greedy(40), "kept")
+    engine.add_request(english_prompts[1], greedy(40), "dropped")
+    finals = {}
+    for step in range(60):
+        if step == 5:
+            final = engine.abort_request("dropped")
+            assert final is not None and final.outputs[0].finish_reason == "abort"
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        if "kept" in finals:
+            break
+    assert set(finals) == {"kept"}
+    alone = reference.generate(english_prompts[0], greedy(40))[0].outputs[0].token_ids
+    assert finals["kept"].outputs[0].token_ids == alone
+    assert engine.kv_cache.num_used_blocks == 0
+
+
+def test_bad_tensor_parallel_settings_fail_before_any_rank_starts(llm):
+    require_default_model()
+    with pytest.raises(ValueError, match="not a multiple"):
+        LLM(device="cpu", tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="positive integer"):
+        LLM(device="cpu", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="loaded model"):
+        LLM(llm.loaded, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="deterministic"):
+        LLM(device="cpu", tensor_parallel_size=2, deterministic=True)
