@@ -6,6 +6,10 @@ a tiny HF checkpoint with 2 KV heads runs on 4 ranks, where each KV head is repl
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 from compression_utils import BUDGET, MAX_TOKENS, combos, config_for, write_random_predictor
@@ -17,7 +21,7 @@ from thinfer.compression import CompressionConfig
 from thinfer.loading import load_checkpoint
 from thinfer.models.shards import plan_shards, shard_tensor
 
-BLOCKS = 48  # 768 slots: the six long requests below must preempt
+BLOCKS = 16  # 256 slots: the four long requests below must preempt
 
 
 @pytest.fixture(scope="module")
@@ -120,20 +124,20 @@ def test_every_compression_method_keeps_the_single_process_slots(
 
 
 def test_preemption_and_abort_match_the_single_process(tp_llm, reference, english_prompts):
-    """Six long requests overflow the 48-block pool (sequences are swapped out and back);
+    """Four long requests overflow the 16-block pool (sequences are swapped out and back);
     one more is aborted mid-way: the others' outputs equal the single process's."""
-    prompts = english_prompts[:6]
-    params = greedy(150)
+    prompts = english_prompts[:4]
+    params = greedy(64)
     before = tp_llm.engine.num_preemptions
     expected = reference.generate(prompts, params)
     got = tp_llm.generate(prompts, params)
     assert tp_llm.engine.num_preemptions > before
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     engine = tp_llm.engine
-    engine.add_request(english_prompts[0], greedy(40), "kept")
-    engine.add_request(english_prompts[1], greedy(40), "dropped")
+    engine.add_request(english_prompts[0], greedy(24), "kept")
+    engine.add_request(english_prompts[1], greedy(24), "dropped")
     finals = {}
-    for step in range(60):
+    for step in range(40):
         if step == 5:
             final = engine.abort_request("dropped")
             assert final is not None and final.outputs[0].finish_reason == "abort"
@@ -143,7 +147,7 @@ def test_preemption_and_abort_match_the_single_process(tp_llm, reference, englis
         if "kept" in finals:
             break
     assert set(finals) == {"kept"}
-    alone = reference.generate(english_prompts[0], greedy(40))[0].outputs[0].token_ids
+    alone = reference.generate(english_prompts[0], greedy(24))[0].outputs[0].token_ids
     assert finals["kept"].outputs[0].token_ids == alone
     assert engine.kv_cache.num_used_blocks == 0
 
@@ -158,3 +162,82 @@ def test_bad_tensor_parallel_settings_fail_before_any_rank_starts(llm):
         LLM(llm.loaded, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="deterministic"):
         LLM(device="cpu", tensor_parallel_size=2, deterministic=True)
+
+
+def test_replicated_kv_heads_on_four_ranks_match_transformers_shapes(tmp_path):
+    """A tiny Qwen2 checkpoint (q/k/v biases; 4 query heads, 2 KV heads) on 4 ranks: each
+    KV head lives on 2 ranks with one query head each. Greedy tokens equal the single
+    process's, a shared method runs, and a per-head one is refused with the reason."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.Qwen2Config(
+        vocab_size=250,  # not a multiple of 4: the last vocabulary shard is padded
+        hidden_size=64,
+        intermediate_size=130,  # uneven MLP shards
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+    )
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    for layer in hf.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(proj.bias, std=0.5)
+    hf.save_pretrained(tmp_path)
+    prompts = [[3, 17, 99, 4], [200, 5, 6, 7, 8, 9, 10, 11], [42]]
+    shared_h2o = {"method": "h2o", "budget": 8, "scoring": "shared"}
+    runs = [greedy(12), greedy(20, kv_compression=shared_h2o)]
+    single = LLM(str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=32)
+    expected = [o.outputs[0].token_ids for p in runs for o in single.generate(prompts, p)]
+    with LLM(
+        str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=32, tensor_parallel_size=4
+    ) as four:
+        got = [o.outputs[0].token_ids for p in runs for o in four.generate(prompts, p)]
+        with pytest.raises(ValueError, match="replicated"):
+            four.generate(prompts[0], greedy(4, kv_compression=SNAPKV))
+        assert four.generate(prompts[0], greedy(4))[0].outputs[0].token_ids == expected[0][:4]
+    assert got == expected
+
+
+SNAPKV = {"method": "snapkv", "budget": 16, "observation_window": 4}
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_a_dead_rank_fails_the_server_loudly():
+    """`thinfer serve --tensor-parallel-size 2`, then rank 1 is killed: /health answers
+    503 naming the rank, requests fail at once, and the log says why."""
+    import httpx
+    from server_utils import ServerProcess
+
+    require_default_model()
+    server = ServerProcess("--tensor-parallel-size", "2", "--num-kv-blocks", "64")
+    try:
+        body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+        ok = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200
+        workers = [
+            child
+            for child in _children(server.proc.pid)
+            if "spawn_main" in open(f"/proc/{child}/cmdline").read()
+        ]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{server.url}/health", timeout=10)
+            if health.status_code == 503:
+                break
+            time.sleep(0.2)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "rank 1" in health.json()["error"]
+        failed = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+        assert failed.status_code >= 500
+        assert "rank 1" in server.output()
+    finally:
+        server.stop()
