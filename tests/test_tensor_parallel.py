@@ -241,3 +241,32 @@ def test_a_dead_rank_fails_the_server_loudly():
         assert "rank 1" in server.output()
     finally:
         server.stop()
+
+
+def test_two_node_torchrun_command_matches_the_single_process(llm):
+    """The two-node launch of docs/distributed.md, both "nodes" on loopback: torchrun with
+    --nnodes 2 and one process each runs the same `thinfer generate`; rank 0 prints what
+    the single process generates, rank 1 serves it and exits 0."""
+    import subprocess
+    import sys
+
+    from server_utils import free_port
+
+    require_default_model()
+    prompt = "The capital of France is"
+    port = str(free_port())
+
+    def node(rank: int) -> subprocess.Popen:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        torchrun += ["--nproc-per-node", "1", "--node-rank", str(rank)]
+        torchrun += ["--master-addr", "127.0.0.1", "--master-port", port]
+        thinfer = ["-m", "thinfer", "generate", prompt, "--max-tokens", "12"]
+        thinfer += ["--temperature", "0", "--tensor-parallel-size", "2", "--device", "cpu"]
+        return subprocess.Popen(torchrun + thinfer, stdout=subprocess.PIPE, text=True)
+
+    nodes = [node(1), node(0)]
+    outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0]
+    expected = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    assert outputs[1].strip() == expected[0].outputs[0].text.strip()
+    assert outputs[0].strip() == ""

@@ -84,6 +84,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     base = _sampling_params(args, {})
     records = _read_jsonl(args.file) if args.file is not None else []
     llm = LLM(**llm_kwargs(args))  # type: ignore[arg-type]
+    try:
+        return _generate(args, llm, base, records)
+    finally:
+        llm.close()  # stops the other ranks of a tensor-parallel engine
+
+
+def _generate(
+    args: argparse.Namespace, llm: LLM, base: SamplingParams, records: list[dict]
+) -> int:
+    """`cmd_generate` once the model is loaded."""
     if args.file is None:
         prompt = args.prompt
         if args.chat:
