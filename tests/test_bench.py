@@ -172,6 +172,33 @@ def test_bench_determinism(tmp_path):
     assert data["runs"] == 3
 
 
+def test_bench_tensor_parallel(tmp_path):
+    """Two gloo ranks against one process: per-rank bytes (the 3 KV heads split 1 and 2),
+    the tokens/s ratio, and the same greedy tokens."""
+    argv = ["bench", "tensor-parallel", "--sizes", "1,2", "--batch", "2", "--max-tokens", "4"]
+    argv += ["--num-kv-blocks", "32", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    data = _only(tmp_path, "tensor_parallel")
+    assert set(data["sizes"]) == {"1", "2"}
+    one, two = data["sizes"]["1"], data["sizes"]["2"]
+    assert len(one["ranks"]) == 1 and len(two["ranks"]) == 2
+    single = one["ranks"][0]
+    assert sorted(r["kv_cache"] for r in two["ranks"]) == [
+        single["kv_cache"] // 3,
+        2 * single["kv_cache"] // 3,
+    ]
+    assert 0.5 < two["weights_max_rank_share"] < 0.6
+    assert two["kv_cache_max_rank_share"] == pytest.approx(2 / 3)
+    assert two["throughput_ratio"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert one["tokens_equal"] and two["tokens_equal"]
+
+
+def test_bench_tensor_parallel_needs_size_one(tmp_path, capsys):
+    argv = ["bench", "tensor-parallel", "--sizes", "2", "--output-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--sizes" in capsys.readouterr().err
+
+
 def test_bench_bad_batch_sizes(tmp_path, capsys):
     argv = ["bench", "throughput", "--batch-sizes", "1,x", "--output-dir", str(tmp_path)]
     assert main(argv) == 2

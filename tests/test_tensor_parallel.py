@@ -87,6 +87,20 @@ def test_two_ranks_give_the_single_process_tokens_and_logprobs(tp_llm, reference
             assert abs(la[token] - lb[token]) < 1e-4
 
 
+def test_each_rank_holds_its_share_of_weights_and_kv_cache(tp_llm, reference):
+    """Weights: the ranks' shards add up to the model (plus the replicated norms); the larger
+    rank holds 53% of it (2 of the 3 KV groups' attention, half the MLP and vocabulary). KV
+    cache: 1/3 and 2/3 of the single process's, the same blocks split by KV head."""
+    whole = reference.engine.memory_bytes()
+    ranks = tp_llm.engine.rank_memory_bytes()
+    weights = [rank["weights"] for rank in ranks]
+    norms = (2 * 30 + 1) * 576 * 4  # fp32 RMSNorm weights, on every rank
+    assert sum(weights) == whole["weights"] + norms
+    assert max(weights) < 0.54 * whole["weights"]
+    kv = [rank["kv_cache"] for rank in ranks]
+    assert kv[0] * 3 == whole["kv_cache"] and kv[1] * 3 == 2 * whole["kv_cache"]
+
+
 def _run_for(llm: LLM, prompts: list[str], configs: list, steps: int) -> dict:
     """Add one request per config, step `steps` times; tokens and kept positions per id."""
     engine = llm.engine
@@ -152,7 +166,20 @@ def test_preemption_and_abort_match_the_single_process(tp_llm, reference, englis
     assert engine.kv_cache.num_used_blocks == 0
 
 
-def test_bad_tensor_parallel_settings_fail_before_any_rank_starts(llm):
+def test_bad_tensor_parallel_settings_fail_before_any_rank_starts(llm, tmp_path):
+    """Impossible splits and settings fail before spawning; a checkpoint that fails to load
+    raises the loader's own error, with every rank stopped."""
+    transformers = pytest.importorskip("transformers")
+    import safetensors.torch
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    config = transformers.LlamaConfig(**shape, num_attention_heads=2, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.0.mlp.down_proj.weight"]
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match="missing 1 tensor"):
+        LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)
     require_default_model()
     with pytest.raises(ValueError, match="not a multiple"):
         LLM(device="cpu", tensor_parallel_size=4)

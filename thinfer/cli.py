@@ -90,9 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         llm.close()  # stops the other ranks of a tensor-parallel engine
 
 
-def _generate(
-    args: argparse.Namespace, llm: LLM, base: SamplingParams, records: list[dict]
-) -> int:
+def _generate(args: argparse.Namespace, llm: LLM, base: SamplingParams, records: list[dict]) -> int:
     """`cmd_generate` once the model is loaded."""
     if args.file is None:
         prompt = args.prompt

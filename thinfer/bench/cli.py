@@ -283,6 +283,7 @@ def add_bench_parser(subparsers: Any) -> None:
     from thinfer.bench.gpu_check import add_parser as add_gpu_check
     from thinfer.bench.matmul import add_parser as add_matmul
     from thinfer.bench.softmax_offset import add_parser as add_softmax_offset
+    from thinfer.bench.tensor_parallel import add_parser as add_tensor_parallel
 
     add_compaction(kinds)
     add_determinism(kinds)
@@ -290,3 +291,4 @@ def add_bench_parser(subparsers: Any) -> None:
     add_gpu_check(kinds)
     add_matmul(kinds).set_defaults(func=_matmul)
     add_softmax_offset(kinds)
+    add_tensor_parallel(kinds)

@@ -95,6 +95,11 @@ class DriverEngine(LLMEngine):
                 merged.append(own)
         return merged
 
+    def rank_memory_bytes(self) -> list[dict[str, int]]:
+        """`memory_bytes()` of every rank, in rank order."""
+        self._send(("memory",))
+        return self._guarded(lambda: self.groups.gather_objects(self.memory_bytes()))  # type: ignore[union-attr]
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the workers and wait for the spawned ones to exit. Idempotent."""
         if self.groups is None:

@@ -75,12 +75,12 @@ def start_tensor_parallel(spec: EngineSpec, world_size: int) -> tuple[LoadedMode
             share_cpu_threads(world_size)
         device = rank_device(spec, 0)
         groups = connect(0, world_size, store, device)
-        try:
+        try:  # the driver's own error (e.g. a bad checkpoint) is the one raised
             loaded, engine = build_rank_engine(spec, groups, device, DriverEngine)
-        except Exception as exc:
-            _raise_worker_error(store, processes, world_size, exc)
+        except RuntimeError:  # a collective failed: a worker's report says why
+            _raise_worker_error(store, processes)
             raise
-        _raise_worker_error(store, processes, world_size, None)
+        _raise_worker_error(store, processes)
     except BaseException:
         for process in processes:
             process.terminate()
@@ -90,20 +90,13 @@ def start_tensor_parallel(spec: EngineSpec, world_size: int) -> tuple[LoadedMode
     return loaded, engine
 
 
-def _raise_worker_error(
-    store: dist.Store,
-    processes: list[mp.Process],
-    world_size: int,
-    own: Exception | None,
-) -> None:
-    """Wait for every worker's report; raise the first error (RuntimeError naming the rank)."""
+def _raise_worker_error(store: dist.Store, processes: list[mp.Process]) -> None:
+    """Wait for every worker's report; RuntimeError naming the first rank that failed."""
     deadline = time.monotonic() + CONNECT_TIMEOUT.total_seconds()
     for rank, process in enumerate(processes, start=1):
         key = ready_key(rank)
         while not store.check([key]):
             if not process.is_alive() or time.monotonic() > deadline:
-                if own is not None:
-                    return
                 raise RuntimeError(
                     f"tensor-parallel rank {rank} exited (code {process.exitcode}) before "
                     "building its engine; see its log"
@@ -111,7 +104,7 @@ def _raise_worker_error(
             time.sleep(0.05)
         error = store.get(key).decode()
         if error:
-            raise RuntimeError(f"tensor-parallel rank {rank} could not start: {error}") from own
+            raise RuntimeError(f"tensor-parallel rank {rank} could not start: {error}")
 
 
 def torchrun_rank() -> tuple[int, int] | None:

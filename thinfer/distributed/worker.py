@@ -70,6 +70,8 @@ def serve_commands(engine: LLMEngine, groups: RankGroups) -> None:
             engine.add_request(*command[1:])
         elif kind == "abort":
             engine.abort_request(command[1])
+        elif kind == "memory":
+            groups.gather_objects(engine.memory_bytes())
         elif kind == "positions":
             groups.gather_objects(cpu_positions(engine, command[1]))
         elif kind == "stop":

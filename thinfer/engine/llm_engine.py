@@ -208,6 +208,11 @@ class LLMEngine:
         seqs = self._requests[request_id].seqs
         return [None if s.compression is None else s.compression.state.positions for s in seqs]
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this process holds for the model's weights and for its KV cache."""
+        weights = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return {"weights": sum(weights.values()), "kv_cache": self.kv_cache.storage.nbytes}
+
     @property
     def num_preemptions(self) -> int:
         """Sequences preempted (swapped out) since the engine started."""
