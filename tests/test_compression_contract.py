@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from thinfer import SamplingParams
 from thinfer.compression import METHODS, CompressionConfig, Method, ScoreContext, register
-from thinfer.engine.compression import peak_slots
+from thinfer.engine.admission import peak_slots
 from thinfer.models.rope import rotate
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig
 from thinfer.dynts import ImportancePredictor, save_predictor
-from thinfer.engine.compression import peak_slots
+from thinfer.engine.admission import peak_slots
 
 
 @pytest.fixture(scope="module")

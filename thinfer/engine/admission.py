@@ -10,7 +10,6 @@ peak KV slots against the cache, every token id it names against the vocabulary,
 from __future__ import annotations
 
 from thinfer.compression import CompressionConfig
-from thinfer.engine.compression import peak_slots
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.sampling_params import SamplingParams
 
@@ -73,3 +72,10 @@ def check_request(
             f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) needs up to "
             f"{peak} KV slots and can never fit in the KV cache of {capacity_tokens} tokens"
         )
+
+
+def peak_slots(config: CompressionConfig | None, prompt_len: int, max_tokens: int) -> int:
+    """The most KV slots a request under `config` can occupy."""
+    if config is None:
+        return prompt_len + max_tokens
+    return config.params.peak_slots(config, prompt_len, max_tokens)

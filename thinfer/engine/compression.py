@@ -29,6 +29,8 @@ from thinfer.engine.exchange import StepExchange
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.engine.sequence import Sequence
+from thinfer.loading.tokenizer import Tokenizer
+from thinfer.models.llama import LlamaForCausalLM
 from thinfer.models.rope import RotaryEmbedding, rotate
 from thinfer.models.shards import ShardLayout, full_layout
 
@@ -60,11 +62,9 @@ class CompressionStage:
     averaging: the same order of slots, still exact), and the predictor called one row at a
     time (one shape, so its matmuls cannot change with the batch).
 
-    Under tensor parallelism (`exchange` and `layout` of several ranks) each rank holds the
-    state of its own KV heads: per-head methods decide on each rank for its heads (the same
-    budget everywhere, so every rank compacts to the same length: checked), shared methods
-    decide on the driver from attention summed over all ranks' heads (or from the hidden
-    state every rank has) and send the kept slots to the others.
+    Under tensor parallelism (`exchange`, `layout`) a rank holds its own KV heads' state:
+    per-head methods decide per rank (one budget, so one length: checked); shared ones sum
+    scores over the ranks' heads and keep the driver's mask (docs/distributed.md).
     """
 
     def __init__(
@@ -85,6 +85,28 @@ class CompressionStage:
         self.rotary = rotary
         self.prepare_context = prepare_context
         self.seconds = 0.0  # time inside `compress` (select + compact) since the last reset
+
+    @classmethod
+    def for_model(
+        cls,
+        model: LlamaForCausalLM,
+        kv_cache: KVCache,
+        tokenizer: Tokenizer | None,
+        deterministic: bool,
+        exchange: StepExchange,
+    ) -> CompressionStage:
+        """The stage of an engine over `model` (whole, or one rank's shard)."""
+        weight = next(model.parameters())
+        prepare = PrepareContext(model.config.hidden_size, weight.dtype, weight.device, tokenizer)
+        return cls(
+            model.config,
+            kv_cache,
+            model.rotary_emb,
+            prepare,
+            deterministic,
+            exchange,
+            model.layout,
+        )
 
     # ----- admission ----------------------------------------------------------------------
     def resources(self, config: CompressionConfig) -> Any:
@@ -279,10 +301,3 @@ class CompressionStage:
         shift = seq.num_computed_tokens - seq.kv_len  # tokens evicted so far
         angles = self.rotary.angles(torch.tensor([shift], device=comp.sink_keys.device))
         self.kv_cache.write_keys(seq, 0, rotate(comp.sink_keys, angles))
-
-
-def peak_slots(config: CompressionConfig | None, prompt_len: int, max_tokens: int) -> int:
-    """The most KV slots a request under `config` can occupy."""
-    if config is None:
-        return prompt_len + max_tokens
-    return config.params.peak_slots(config, prompt_len, max_tokens)

@@ -16,7 +16,6 @@ import time
 import torch
 
 from thinfer.compression import CompressionConfig
-from thinfer.compression.method import PrepareContext
 from thinfer.config import EngineConfig, ModelConfig
 from thinfer.engine import telemetry
 from thinfer.engine.admission import check_request, tokenize_prompt
@@ -66,16 +65,8 @@ class LLMEngine:
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(config, kv_cache)
-        weight = next(model.parameters())
-        prepare = PrepareContext(model.config.hidden_size, weight.dtype, weight.device, tokenizer)
-        self.compression = CompressionStage(
-            model.config,
-            kv_cache,
-            model.rotary_emb,
-            prepare,
-            config.deterministic,
-            exchange,
-            model.layout,
+        self.compression = CompressionStage.for_model(
+            model, kv_cache, tokenizer, config.deterministic, exchange
         )
         graphs = None
         if exchange.world_size == 1:  # collectives are not captured in CUDA graphs
