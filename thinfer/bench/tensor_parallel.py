@@ -132,12 +132,13 @@ def _plot(data: dict[str, Any]) -> Figure:
     rows = list(data["sizes"].values())
     ax = fig.add_subplot(1, 2, 1)
     ax.plot(sizes, [1 / n for n in sizes], "k--", label="ideal 1/N")
-    for key, label in (("weights", "weights"), ("kv_cache", "KV cache")):
+    for key, label, dy in (("weights", "weights", -12), ("kv_cache", "KV cache", 4)):
         shares = [row[f"{key}_max_rank_share"] for row in rows]
         ax.plot(sizes, shares, "o-", label=f"{label}, largest rank")
         for n, share in zip(sizes, shares):
-            ax.annotate(f"{share:.2f}", (n, share), textcoords="offset points", xytext=(6, 2))
+            ax.annotate(f"{share:.2f}", (n, share), textcoords="offset points", xytext=(6, dy))
     ax.set_xticks(sizes)
+    ax.set_xlim(sizes[0] - 0.3, sizes[-1] + 0.5)
     ax.set_xlabel("tensor-parallel size N")
     ax.set_ylabel("bytes / N=1 total")
     ax.set_ylim(0, 1.1)
