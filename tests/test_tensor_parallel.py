@@ -297,3 +297,19 @@ def test_two_node_torchrun_command_matches_the_single_process(llm):
     expected = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0))
     assert outputs[1].strip() == expected[0].outputs[0].text.strip()
     assert outputs[0].strip() == ""
+
+
+def test_a_worker_whose_scheduler_diverged_fails_before_the_forward_pass():
+    """Divergent schedules cannot be produced by real ranks (they replay one command
+    stream), so the driver's broadcast is stood in for by a stub returning another batch."""
+    from types import SimpleNamespace
+
+    from thinfer.distributed.rank_exchange import RankExchange
+    from thinfer.engine.scheduler import ScheduledSequence
+
+    driver_batch = [(0, 5), (1, 1)]
+    groups = SimpleNamespace(rank=1, world_size=2, broadcast_object=lambda obj=None: driver_batch)
+    exchange = RankExchange(groups, torch.device("cpu"))  # type: ignore[arg-type]
+    seq = SimpleNamespace(seq_id=0, num_computed_tokens=0, num_tokens=5)
+    with pytest.raises(RuntimeError, match="rank 1 scheduled"):
+        exchange.check_batch([ScheduledSequence(seq, 5)])  # type: ignore[arg-type]

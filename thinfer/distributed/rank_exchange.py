@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from thinfer.distributed.groups import RankGroups
 from thinfer.engine.exchange import Chosen, Keep, StepExchange
+from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.engine.sequence import Sequence
 
 
@@ -26,6 +27,15 @@ class RankExchange(StepExchange):
         self.device = device
         self.world_size = groups.world_size
         self.is_driver = groups.rank == 0
+
+    def check_batch(self, batch: list[ScheduledSequence]) -> None:
+        """The driver sends its batch (sequence ids and token counts); workers compare."""
+        own = [(item.seq.seq_id, item.num_tokens) for item in batch]
+        driver = self.groups.broadcast_object(own if self.is_driver else None)
+        if driver != own:
+            raise RuntimeError(
+                f"tensor-parallel rank {self.groups.rank} scheduled {own}, the driver {driver}"
+            )
 
     def choose_tokens(self, seqs: list[Sequence], choose: Callable[[], Chosen]) -> Chosen:
         """The driver samples and sends (row, token) pairs; workers map rows to `seqs`."""

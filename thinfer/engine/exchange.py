@@ -18,6 +18,7 @@ from typing import TypeVar
 import torch
 
 from thinfer.engine.sampler import SampledToken
+from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.engine.sequence import Sequence
 
 Chosen = tuple[list[tuple[Sequence, SampledToken]], list[tuple[Sequence, str]]]
@@ -30,6 +31,11 @@ class StepExchange:
 
     world_size = 1
     is_driver = True  # this rank samples and makes the shared compression decisions
+
+    def check_batch(self, batch: list[ScheduledSequence]) -> None:
+        """Raise RuntimeError unless this rank scheduled the driver's batch (every rank runs
+        the same scheduler over the same requests; this catches any divergence before the
+        forward pass)."""
 
     def choose_tokens(self, seqs: list[Sequence], choose: Callable[[], Chosen]) -> Chosen:
         """The tokens of the step's sampling rows `seqs`: `choose()` on the driver, received

@@ -222,6 +222,7 @@ class LLMEngine:
                 # Validation guarantees every request fits an empty cache; never spin silently.
                 raise RuntimeError("scheduler could not place any waiting sequence")
             return []
+        self.exchange.check_batch(batch)
         kv_before = [item.seq.kv_len for item in batch]
         self.compression.seconds = 0.0
         logits, hidden, capture = self.runner.execute(batch)
