@@ -1,4 +1,4 @@
-"""`thinfer` command line: generate, bench, eval, serve, dynts.
+"""`thinfer` command line: generate, bench, eval, prune, serve, dynts.
 
 Bad input (invalid parameters, unknown model, malformed files) exits with status 2 and one
 line on stderr.
@@ -163,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     from thinfer.bench.cli import add_bench_parser
     from thinfer.dynts.cli import add_dynts_parser
     from thinfer.eval.cli import add_eval_parser
+    from thinfer.pruning.cli import add_prune_parser
     from thinfer.server.serve_args import add_serve_parser
 
     add_bench_parser(sub)
     add_dynts_parser(sub)
     add_eval_parser(sub)
+    add_prune_parser(sub)
     add_serve_parser(sub)
     return parser
 

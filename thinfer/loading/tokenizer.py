@@ -55,6 +55,11 @@ class Tokenizer:
             raise ValueError(f"{source}: cannot build a tokenizer: {exc}") from exc
         return cls(hf_tok, extra_eos_ids)
 
+    def save(self, directory: str) -> None:
+        """Write the HF tokenizer files (tokenizer.json, tokenizer_config.json with the chat
+        template) into `directory`."""
+        self._tok.save_pretrained(directory)
+
     @property
     def eos_token_ids(self) -> list[int]:
         """Ids that end a sequence."""

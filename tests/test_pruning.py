@@ -1,0 +1,172 @@
+"""`thinfer prune` on a tiny random Llama (GQA: 4 query heads in 2 KV groups, 8 blocks) with
+the default model's real tokenizer, calibrated on the embedded real text.
+
+A pruned checkpoint must be exactly the dense model without what was removed: HF transformers
+with the block deleted (depth), or with the removed heads' and channels' output columns
+zeroed (width: this also proves GQA integrity, since a query head paired with the wrong
+K/V head would change the logits). Both thinfer and transformers reload it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import run_cli
+from default_model import require_default_model
+
+from thinfer import LLM, SamplingParams
+from thinfer.loading import load_checkpoint
+from thinfer.pruning.run import run_prune
+
+transformers = pytest.importorskip("transformers")
+PROMPT = "The history of the printing press begins in the fifteenth century"
+FAST = dict(samples=2, eval_samples=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """A tiny Llama checkpoint with SmolLM2's tokenizer (vocabulary 49152)."""
+    require_default_model()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    directory = tmp_path_factory.mktemp("tiny")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    load_checkpoint(None).tokenizer.save(str(directory))
+    return str(directory)
+
+
+def hf(directory: str) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0]
+
+
+def thinfer_matches(directory: str, reference: torch.nn.Module, ids: list[int]) -> None:
+    """thinfer's greedy tokens and their logprobs on `directory` equal `reference`'s."""
+    out = (
+        LLM(directory, dtype="float32", device="cpu", num_kv_blocks=32)
+        .generate(ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0))[
+            0
+        ]
+        .outputs[0]
+    )
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None
+        )[0, len(ids) :].tolist()
+    assert out.token_ids == expected
+    full = torch.tensor([ids + expected])
+    ref_lp = torch.log_softmax(logits(reference, full)[len(ids) - 1 : -1], dim=-1)
+    for step, token in enumerate(expected):
+        assert abs(out.logprobs[step][token] - float(ref_lp[step, token])) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["depth-ppl", "depth-taylor"])
+def test_depth_pruning_equals_deleting_the_blocks_in_transformers(tiny, tmp_path, method):
+    out = str(tmp_path / "pruned")
+    report = run_prune(out, method, model=tiny, remove=2, **FAST)
+    removed = report["removed_blocks"]
+    assert len(removed) == 2 and len(report["block_scores"]) == 8
+    if method == "depth-taylor":  # Taylor+ keeps the first 4 and the last 2 blocks
+        assert set(removed) <= {4, 5}
+    reference = hf(tiny)
+    for block in sorted(removed, reverse=True):
+        del reference.model.layers[block]
+    reference.config.num_hidden_layers = 6
+    for index, layer in enumerate(reference.model.layers):  # its KV cache indexes by layer
+        layer.self_attn.layer_idx = index
+    ids = load_checkpoint(tiny).tokenizer.encode(PROMPT)
+    reloaded = hf(out)
+    assert reloaded.config.num_hidden_layers == 6
+    torch.testing.assert_close(
+        logits(reloaded, torch.tensor([ids])), logits(reference, torch.tensor([ids]))
+    )
+    thinfer_matches(out, reference, ids)
+    saved = json.load(open(os.path.join(out, "thinfer_pruning.json")))
+    assert saved["pruned"]["parameters"] < saved["dense"]["parameters"]
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "mag-sp"])
+def test_width_pruning_equals_zeroing_what_was_removed(tiny, tmp_path, method):
+    out = str(tmp_path / "pruned")
+    report = run_prune(out, method, model=tiny, ratio=0.5, **FAST)
+    shape = report["shape"]
+    assert (shape["num_key_value_heads"], shape["num_attention_heads"]) == (1, 2)
+    assert shape["intermediate_size"] == 24
+    masked = hf(tiny)
+    for layer, groups, channels in zip(
+        masked.model.layers, shape["dropped_kv_groups"], shape["dropped_mlp_channels"], strict=True
+    ):
+        for group in groups:  # 2 query heads of 16 channels per group
+            layer.self_attn.o_proj.weight.data[:, group * 32 : (group + 1) * 32] = 0
+        layer.mlp.down_proj.weight.data[:, channels] = 0
+    ids = load_checkpoint(tiny).tokenizer.encode(PROMPT)
+    reloaded = hf(out)
+    assert reloaded.config.num_key_value_heads == 1 and reloaded.config.intermediate_size == 24
+    torch.testing.assert_close(
+        logits(reloaded, torch.tensor([ids])), logits(masked, torch.tensor([ids]))
+    )
+    thinfer_matches(out, reloaded, ids)
+
+
+def test_bad_requests_fail_clearly_and_write_nothing(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate anything.")
+    cases = [
+        (dict(method="wanda-sp", ratio=1.5), "must be in \\(0, 1\\)"),
+        (dict(method="depth-ppl", ratio=0.0), "must be in \\(0, 1\\)"),
+        (dict(method="depth-ppl", remove=8), "cannot remove 8"),
+        (dict(method="mag-sp", remove=2), "for depth pruning"),
+        (dict(method="flapx", ratio=0.2), "use one of"),
+        (dict(method="depth-ppl", remove=1, calib=[str(short)]), "token"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_prune(str(tmp_path / "out"), model=tiny, **FAST, **kwargs)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        run_prune(str(tmp_path / "taken"), "depth-ppl", model=tiny, remove=1, **FAST)
+    assert sorted(os.listdir(tmp_path)) == ["short.txt", "taken"]  # nothing partial
+
+
+def test_prune_command_line(tiny, tmp_path):
+    out = tmp_path / "cli"
+    result = run_cli(
+        "prune",
+        "--model",
+        tiny,
+        "--method",
+        "depth-ppl",
+        "--remove-blocks",
+        "1",
+        "--samples",
+        "2",
+        "--eval-samples",
+        "2",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert len(summary["removed_blocks"]) == 1 and "->" in summary["held_out_ppl"]
+    again = run_cli(
+        "prune", "--model", tiny, "--method", "mag-sp", "--ratio", "0.2", "--output", str(out)
+    )
+    assert again.returncode == 2 and "already exists" in again.stderr
