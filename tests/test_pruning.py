@@ -170,3 +170,24 @@ def test_prune_command_line(tiny, tmp_path):
         "prune", "--model", tiny, "--method", "mag-sp", "--ratio", "0.2", "--output", str(out)
     )
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_lora_healing_lowers_the_loss_and_is_merged_into_the_checkpoint(tiny, tmp_path):
+    """20 LoRA steps on the calibration text: the training loss falls, the saved weights are
+    the merged ones (no adapter files, other weights than the unhealed pruning) and thinfer
+    serves them like transformers does."""
+    plain = run_prune(str(tmp_path / "plain"), "depth-ppl", model=tiny, remove=2, **FAST)
+    healed = run_prune(
+        str(tmp_path / "healed"), "depth-ppl", model=tiny, remove=2, heal_steps=20, **FAST
+    )
+    assert healed["removed_blocks"] == plain["removed_blocks"]
+    assert healed["healed"]["last_loss"] < healed["healed"]["first_loss"]
+    assert healed["healed"]["ppl"] != healed["pruned"]["ppl"]
+    files = os.listdir(tmp_path / "healed")
+    assert "model.safetensors" in files and not any("adapter" in f for f in files)
+    ids = load_checkpoint(tiny).tokenizer.encode(PROMPT)
+    merged, unhealed = hf(str(tmp_path / "healed")), hf(str(tmp_path / "plain"))
+    assert not torch.allclose(
+        logits(merged, torch.tensor([ids])), logits(unhealed, torch.tensor([ids]))
+    )
+    thinfer_matches(str(tmp_path / "healed"), merged, ids)

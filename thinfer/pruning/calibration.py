@@ -23,9 +23,9 @@ def text_splits(tokenizer: Tokenizer, paths: list[str] | None) -> tuple[list[int
     return split_tokens(tokenizer.encode(text))
 
 
-def batch_of(token_ids: list[int], count: int, window: int = WINDOW) -> torch.Tensor:
-    """The first `count` windows of `window` tokens as a [count, window] batch; ValueError
-    (naming the sizes) when the text is too short."""
+def batch_of(token_ids: list[int], count: int | None, window: int = WINDOW) -> torch.Tensor:
+    """The first `count` (None: all) windows of `window` tokens as a [count, window] batch;
+    ValueError (naming the sizes) when the text is too short."""
     return torch.tensor(windows(token_ids, window, count))
 
 

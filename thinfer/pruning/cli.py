@@ -40,6 +40,14 @@ def add_prune_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--eval-samples", type=int, default=10, help="held-out windows of 128 tokens (10)"
     )
+    parser.add_argument(
+        "--heal",
+        choices=["none", "lora"],
+        default="none",
+        help="retrain the pruned model with LoRA on the calibration text, merged into the "
+        "saved weights (default none)",
+    )
+    parser.add_argument("--heal-steps", type=int, default=100, help="LoRA steps of 4 windows (100)")
     parser.add_argument("--output", required=True, help="new directory for the pruned model")
     parser.set_defaults(func=cmd_prune)
 
@@ -60,6 +68,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calib=args.calib,
         samples=args.samples,
         eval_samples=args.eval_samples,
+        heal_steps=args.heal_steps if args.heal == "lora" else 0,
     )
     dense, pruned = report["dense"], report["pruned"]
     summary = {
@@ -69,7 +78,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "shape": {k: v for k, v in (report.get("shape") or {}).items() if "dropped" not in k}
         or None,
         "parameters": f"{dense['parameters']} -> {pruned['parameters']}",
-        "held_out_ppl": f"{dense['ppl']:.2f} -> {pruned['ppl']:.2f}",
+        "held_out_ppl": f"{dense['ppl']:.2f} -> {pruned['ppl']:.2f}"
+        + (f" -> {report['healed']['ppl']:.2f} healed" if "healed" in report else ""),
     }
     print(json.dumps({k: v for k, v in summary.items() if v is not None}, indent=2))
     return 0

@@ -89,4 +89,4 @@ def load_for_pruning(model: str | None = None, load_format: str = "auto") -> Pru
         )
     if net.config.tie_word_embeddings:
         net.tie_weights()
-    return PruningModel(net.eval(), checkpoint.tokenizer, checkpoint.source)
+    return PruningModel(net.eval().requires_grad_(False), checkpoint.tokenizer, checkpoint.source)

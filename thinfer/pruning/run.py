@@ -7,6 +7,7 @@ from typing import Any
 
 from thinfer.pruning.calibration import batch_of, perplexity, text_splits
 from thinfer.pruning.depth import least_important, ppl_scores, remove_blocks, taylor_scores
+from thinfer.pruning.heal import heal_lora
 from thinfer.pruning.hf_model import load_for_pruning
 from thinfer.pruning.save import check_output, save_pruned
 from thinfer.pruning.width import prune_uniform
@@ -41,10 +42,14 @@ def run_prune(
     calib: list[str] | None = None,
     samples: int = 10,
     eval_samples: int = 10,
+    heal_steps: int = 0,
 ) -> dict[str, Any]:
-    """Prune `model` with `method` (by `ratio`, or `remove` blocks) and save it to `output`;
-    returns the report also written there. Everything is checked before the model loads."""
+    """Prune `model` with `method` (by `ratio`, or `remove` blocks), heal it with LoRA for
+    `heal_steps` steps if > 0, and save it to `output`; returns the report also written
+    there. Everything is checked before the model loads."""
     check_request(method, ratio, remove)
+    if heal_steps < 0:
+        raise ValueError(f"--heal-steps must be >= 0, got {heal_steps}")
     check_output(output)
     started = time.monotonic()
     pruned = load_for_pruning(model, load_format)
@@ -70,6 +75,14 @@ def run_prune(
         "parameters": pruned.num_parameters(),
         "ppl": perplexity(pruned.model, evaluation),
     }
+    if heal_steps:
+        losses = heal_lora(pruned, batch_of(calib_ids, None), heal_steps)
+        report["healed"] = {
+            "method": "lora",
+            "steps": heal_steps,
+            **losses,
+            "ppl": perplexity(pruned.model, evaluation),
+        }
     report["calibration"] = {
         "text": calib or "default (CPython documentation topics)",
         "samples": samples,
