@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from thinfer.config import ModelConfig
+from thinfer.loading.hf_config import hf_config
+
+__all__ = ["hf_config", "llm_device", "llm_dtype"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -28,35 +30,6 @@ def llm_device(llm: LLM) -> torch.device:
 def llm_dtype(llm: LLM) -> torch.dtype:
     """The dtype of an LLM's weights."""
     return next(llm.engine.model.parameters()).dtype
-
-
-def hf_config(cfg: ModelConfig) -> object:
-    """A transformers LlamaConfig (or Qwen2Config) with the shape of a thinfer ModelConfig."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    rope: dict[str, object] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rope.update(cfg.rope_scaling)
-        rope["rope_theta"] = cfg.rope_theta
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=rope,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
-    )
-    if "qwen2" in cfg.architecture.lower():
-        return Qwen2Config(**common)
-    return LlamaConfig(attention_bias=cfg.attention_bias, **common)
 
 
 def load_hf_peer(llm: LLM, load_format: str = "auto") -> PreTrainedModel:
