@@ -164,6 +164,9 @@ def test_prune_command_line(tiny, tmp_path):
         str(out),
     )
     assert result.returncode == 0, result.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     summary = json.loads(result.stdout)
     assert len(summary["removed_blocks"]) == 1 and "->" in summary["held_out_ppl"]
     again = run_cli(

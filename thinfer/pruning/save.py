@@ -34,6 +34,9 @@ def save_pruned(pruned: PruningModel, output: str, report: dict[str, Any]) -> No
     check_output(output)
     parent = os.path.dirname(os.path.abspath(output))
     staging = tempfile.mkdtemp(prefix=".thinfer-prune-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from others
     try:
         pruned.model.save_pretrained(staging, safe_serialization=True)
         pruned.tokenizer.save(staging)
