@@ -199,6 +199,104 @@ def test_bench_tensor_parallel_needs_size_one(tmp_path, capsys):
     assert "--sizes" in capsys.readouterr().err
 
 
+def test_bench_prune_latency(tmp_path):
+    """dense, depth and width shapes of the tiny preset, both engines at every point."""
+    argv = ["bench", "prune-latency", "--preset", "tiny", "--batch-sizes", "1,2"]
+    argv += ["--input-lens", "12", "--output-lens", "4", "--device", "cpu", "--threads", "1"]
+    assert main(argv + ["--output-dir", str(tmp_path)]) == 0
+    data = _only(tmp_path, "prune_latency_cpu")
+    assert data["preset"] == "tiny" and data["dtype"] == "float32"
+    assert data["complete"] and list(data["variants"]) == ["dense", "depth", "width"]
+    dense, depth, width = data["variants"].values()
+    assert depth["shape"]["num_hidden_layers"] == 1 and width["shape"]["num_hidden_layers"] == 2
+    assert width["parameters"] == pytest.approx(depth["parameters"], rel=0.01)
+    assert depth["parameters"] < dense["parameters"]
+    for variant in data["variants"].values():
+        assert [(p["input_len"], p["output_len"], p["batch_size"]) for p in variant["points"]] == [
+            (12, 4, 1),
+            (12, 4, 2),
+        ]
+        for point in variant["points"]:
+            for engine in ("thinfer", "hf"):
+                row = point[engine]
+                assert row["status"] == "ok" and row["latency_s"] > 0
+                assert row["throughput_tokens_per_s"] == pytest.approx(
+                    point["batch_size"] * 4 / row["latency_s"]
+                )
+            assert point["ratio"] == pytest.approx(
+                point["thinfer"]["throughput_tokens_per_s"] / point["hf"]["throughput_tokens_per_s"]
+            )
+
+
+def test_prune_width_shape_matches_depth_parameters():
+    from thinfer.bench.prune_variants import param_count, preset_variants
+    from thinfer.loading.dummy import preset_config
+
+    for preset in ("llama-2-7b", "llama-3-8b", "llama-13b", "smollm2-135m"):
+        dense = preset_config(preset)
+        shapes = preset_variants(dense, None)
+        depth, width = shapes["depth"], shapes["width"]
+        assert param_count(width) == pytest.approx(param_count(depth), rel=0.01), preset
+        assert width.num_hidden_layers == dense.num_hidden_layers
+        assert width.head_dim == dense.head_dim and width.hidden_size == dense.hidden_size
+        group = dense.num_attention_heads // dense.num_key_value_heads
+        assert width.num_attention_heads == group * width.num_key_value_heads  # whole groups
+        assert width.num_key_value_heads < dense.num_key_value_heads, preset
+    llama = preset_variants(preset_config("llama-2-7b"), None)
+    assert llama["depth"].num_hidden_layers == 23  # the paper's 4.9B of LLaMA-7B
+    assert 4.8e9 < param_count(llama["depth"]) < 5.0e9
+    assert (llama["width"].num_key_value_heads, llama["width"].num_attention_heads) == (23, 23)
+    assert preset_variants(preset_config("llama-13b"), None)["depth"].num_hidden_layers == 29
+
+
+def test_prune_param_count_matches_the_model():
+    from thinfer.bench.prune_variants import param_count, preset_variants
+    from thinfer.loading.dummy import preset_config
+    from thinfer.models import build_model
+
+    for cfg in preset_variants(preset_config("tiny"), None).values():
+        net = build_model(cfg, torch.float32, torch.device("cpu"))
+        assert param_count(cfg) == sum(p.numel() for p in net.parameters())
+
+
+def test_prune_latency_sweep_stops_at_oom_and_time():
+    from thinfer.bench.prune_latency import Grid, sweep
+
+    def timer(batch, out):
+        if len(batch) == 4 and out == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate")
+        return 3.0 if (len(batch), out) == (2, 9) else 0.5
+
+    grid = Grid({3: [5, 6, 7]}, [(3, 2), (3, 9)], [1, 2, 4, 8], max_seconds=2.0)
+    got = sweep(timer, grid, fits=4, label="fake")
+    assert [got[f"3_2_{m}"]["status"] for m in (1, 2, 4, 8)] == ["ok", "ok", "oom", "oom"]
+    assert [got[f"3_9_{m}"]["status"] for m in (1, 2, 4, 8)] == [
+        "ok",
+        "ok",
+        "skipped: time",
+        "oom",  # no KV cache for 8 (fits=4)
+    ]
+    assert got["3_9_1"]["throughput_tokens_per_s"] == pytest.approx(9 / 0.5)
+
+    def broken(batch, out):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        sweep(broken, grid, fits=8, label="fake")
+
+
+def test_prune_latency_bad_arguments(tmp_path, capsys):
+    base = ["bench", "prune-latency", "--output-dir", str(tmp_path)]
+    assert main([*base, "--models", "dense=", "--remove-blocks", "2"]) == 2
+    assert "--remove-blocks" in capsys.readouterr().err
+    assert main([*base, "--models", "=x"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main([*base, "--preset", "tiny", "--remove-blocks", "2"]) == 2
+    assert "--remove-blocks" in capsys.readouterr().err
+    assert main([*base, "--preset", "tiny", "--batch-sizes", "1,x"]) == 2
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_bad_batch_sizes(tmp_path, capsys):
     argv = ["bench", "throughput", "--batch-sizes", "1,x", "--output-dir", str(tmp_path)]
     assert main(argv) == 2
