@@ -54,7 +54,7 @@ def heal_lora(
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     pruned.model = model.merge_and_unload()
     tenth = max(1, math.ceil(steps / 10))
