@@ -140,23 +140,9 @@ def hf_from_checkpoint(
         model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.to(device).eval()
     from thinfer.loading import load_checkpoint
+    from thinfer.loading.hf_config import hf_model_from_checkpoint
 
-    checkpoint = load_checkpoint(path)
-    if checkpoint.tensors is None:
-        raise ValueError(f"{checkpoint.source}: no weights for the HF peer")
-    model = AutoModelForCausalLM.from_config(hf_config(checkpoint.config), dtype=dtype)
-    state = {name: tensor.to(dtype) for name, tensor in checkpoint.tensors()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = model.config.tie_word_embeddings
-    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint.source}: tensors do not match the HF model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
-    if tied:
-        model.tie_weights()
-    return model.to(device).eval()
+    return hf_model_from_checkpoint(load_checkpoint(path), dtype).to(device)
 
 
 Builders = list[tuple[str, "Callable[[], LoadedModel]", "Callable[[], PreTrainedModel]"]]

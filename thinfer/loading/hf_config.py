@@ -3,7 +3,12 @@ benchmarks, and the HF copy of a model being pruned)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from thinfer.config import ModelConfig
+from thinfer.loading.checkpoint import Checkpoint
 
 
 def hf_config(cfg: ModelConfig) -> object:
@@ -33,3 +38,26 @@ def hf_config(cfg: ModelConfig) -> object:
     if "qwen2" in cfg.architecture.lower():
         return Qwen2Config(**common)
     return LlamaConfig(attention_bias=cfg.attention_bias, **common)
+
+
+def hf_model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
+    """An HF transformers model of `checkpoint`'s shape holding its weights (HF names, Q/K
+    rows already un-permuted for a GGUF), tied embeddings tied, in eval mode; ValueError
+    when the checkpoint has no weights or its tensors do not match the model."""
+    from transformers import AutoModelForCausalLM
+
+    if checkpoint.tensors is None:
+        raise ValueError(f"{checkpoint.source}: dummy checkpoint, no weights to load")
+    model: Any = AutoModelForCausalLM.from_config(hf_config(checkpoint.config), dtype=dtype)
+    state = {name: tensor.to(dtype) for name, tensor in checkpoint.tensors()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = model.config.tie_word_embeddings
+    missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint.source}: tensors do not match the HF model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()

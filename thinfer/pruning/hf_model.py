@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from thinfer.loading import load_checkpoint
-from thinfer.loading.hf_config import hf_config
+from thinfer.loading.hf_config import hf_model_from_checkpoint
 from thinfer.loading.tokenizer import Tokenizer
 
 
@@ -38,22 +38,10 @@ class PruningModel:
 def load_for_pruning(model: str | None = None, load_format: str = "auto") -> PruningModel:
     """The checkpoint at `model` (None: the embedded default model) as an fp32 HF model in
     eval mode; ValueError when it has no tokenizer (calibration text must be tokenized)."""
-    from transformers import AutoModelForCausalLM
-
     checkpoint = load_checkpoint(model, load_format)
     if checkpoint.tensors is None:
         raise ValueError("pruning needs real weights: dummy checkpoints have nothing to score")
     if checkpoint.tokenizer is None:
         raise ValueError(f"{checkpoint.source}: no tokenizer, so no calibration text")
-    net = AutoModelForCausalLM.from_config(hf_config(checkpoint.config), dtype=torch.float32)
-    state = {name: tensor.float() for name, tensor in checkpoint.tensors()}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and net.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint.source}: tensors do not match the model: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
-    if net.config.tie_word_embeddings:
-        net.tie_weights()
+    net = hf_model_from_checkpoint(checkpoint, torch.float32)
     return PruningModel(net.eval().requires_grad_(False), checkpoint.tokenizer, checkpoint.source)
