@@ -339,3 +339,20 @@ def test_explicit_gguf_format_for_any_file_name(tmp_path, default_ckpt):
     target = tmp_path / "model.bin"
     os.symlink(default_ckpt.source, target)
     assert load_checkpoint(str(target), load_format="gguf").config == default_ckpt.config
+
+
+def test_per_layer_widths_in_config_json_are_checked(tmp_path):
+    """A FLAP checkpoint's per-layer widths: one per layer, within the model's widest."""
+    _save_tiny("llama", str(tmp_path))
+    config = tmp_path / "config.json"
+    fields = json.loads(config.read_text())
+    layers, kv = fields["num_hidden_layers"], fields["num_key_value_heads"]
+    for bad, name in (
+        ([kv] * (layers + 1), "layer_num_key_value_heads"),
+        ([0] + [kv] * (layers - 1), "layer_num_key_value_heads"),
+        ([fields["intermediate_size"] + 1] * layers, "layer_intermediate_sizes"),
+    ):
+        config.write_text(json.dumps({**fields, name: bad}))
+        _expect_error(f"{name} must list {layers} integers", str(tmp_path))
+    config.write_text(json.dumps({**fields, "layer_num_key_value_heads": [1] * layers}))
+    _expect_error("must equal the model's width", str(tmp_path))

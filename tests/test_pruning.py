@@ -9,6 +9,7 @@ K/V head would change the logits). Both thinfer and transformers reload it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -18,7 +19,12 @@ from conftest import run_cli
 from default_model import require_default_model
 
 from thinfer import LLM, SamplingParams
+from thinfer.config import ModelConfig
 from thinfer.loading import load_checkpoint
+from thinfer.models.shards import plan_shards
+from thinfer.pruning.calibration import batch_of, text_splits
+from thinfer.pruning.flap import input_statistics, prune_flap
+from thinfer.pruning.hf_model import load_for_pruning
 from thinfer.pruning.run import run_prune
 
 transformers = pytest.importorskip("transformers")
@@ -124,6 +130,61 @@ def test_width_pruning_equals_zeroing_what_was_removed(tiny, tmp_path, method):
         logits(reloaded, torch.tensor([ids])), logits(masked, torch.tensor([ids]))
     )
     thinfer_matches(out, reloaded, ids)
+
+
+def test_flap_adapts_widths_compensates_with_biases_and_reloads_in_thinfer(tiny, tmp_path):
+    """FLAP gives layers their own widths; each projection's new bias makes the pruned layer
+    output the dense one at the calibration mean input; thinfer serves the checkpoint (its
+    narrow layers padded to the cache's width) exactly like the pruned HF model in memory,
+    also under KV compression; HF cannot reload per-layer widths; TP refuses them."""
+    out = str(tmp_path / "flap")
+    report = run_prune(out, "flap", model=tiny, ratio=0.4, **FAST)
+    shape = report["shape"]
+    assert len(set(shape["layer_num_key_value_heads"])) == 2  # 1 or 2 groups, per layer
+    assert report["pruned"]["parameters"] < report["dense"]["parameters"]
+
+    pruned = load_for_pruning(tiny)  # the same pruning, in memory: HF runs it as it is
+    dense = copy.deepcopy(pruned.model)
+    batch = batch_of(text_splits(pruned.tokenizer, None)[0], FAST["samples"])
+    stats = input_statistics(pruned, batch)
+    assert prune_flap(pruned, 0.4, batch) == shape
+    for i, (o_stats, down_stats) in enumerate(stats):
+        dense_layer, layer = dense.model.layers[i], pruned.layers[i]
+        groups = [g for g in range(2) if g not in shape["dropped_kv_groups"][i]]
+        o_kept = [c for g in groups for c in range(g * 32, (g + 1) * 32)]
+        channels = [c for c in range(48) if c not in shape["dropped_mlp_channels"][i]]
+        for new, old, mean, kept in (
+            (layer.self_attn.o_proj, dense_layer.self_attn.o_proj, o_stats.mean, o_kept),
+            (layer.mlp.down_proj, dense_layer.mlp.down_proj, down_stats.mean, channels),
+        ):
+            with torch.no_grad():
+                torch.testing.assert_close(new(mean[kept]), old(mean), atol=1e-5, rtol=1e-4)
+                if len(kept) < mean.numel():  # without the bias it would not hold
+                    assert not torch.allclose(new(mean[kept]) - new.bias, old(mean), atol=1e-4)
+
+    ids = load_checkpoint(tiny).tokenizer.encode(PROMPT)
+    thinfer_matches(out, pruned.model, ids)
+    with pytest.raises((RuntimeError, ValueError)):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    config = ModelConfig.from_hf_dict(json.load(open(os.path.join(out, "config.json"))))
+    with pytest.raises(ValueError, match="differ in width"):
+        plan_shards(config, 2)
+
+    llm = LLM(out, dtype="float32", device="cpu", num_kv_blocks=32)
+    heads = config.layer_num_key_value_heads
+    padded = torch.full((8, 2, 5), 1e6)  # a padding head's score must not count
+    for layer, count in enumerate(heads):
+        padded[layer, :count] = torch.arange(5.0)
+    mean = llm.engine.compression._head_mean(padded)
+    torch.testing.assert_close(mean, torch.arange(5.0))
+    compressed = SamplingParams(
+        max_tokens=40,
+        temperature=0.0,
+        ignore_eos=True,
+        kv_compression={"method": "h2o", "budget": 16, "scoring": "shared"},
+    )
+    result = llm.generate(ids, compressed)[0]
+    assert len(result.outputs[0].token_ids) == 40 and result.metrics.peak_kv_slots <= 17
 
 
 def test_bad_requests_fail_clearly_and_write_nothing(tiny, tmp_path):

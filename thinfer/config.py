@@ -47,6 +47,12 @@ class ModelConfig:
 
     `attention_bias` is True for Qwen2-style q/k/v biases. `rope_scaling` follows HF's
     dictionary (`rope_type` "default", "linear", "llama3", "dynamic").
+
+    Width-pruned models (FLAP, `thinfer.pruning.flap`) may differ per layer:
+    `layer_num_key_value_heads` and `layer_intermediate_sizes` give each layer's KV heads
+    (its query heads are that many whole GQA groups) and MLP width, and `output_bias` adds
+    biases to o_proj and down_proj. Then `num_key_value_heads`, `num_attention_heads` and
+    `intermediate_size` are the widest layer's, which sizes the KV cache.
     """
 
     vocab_size: int
@@ -65,6 +71,9 @@ class ModelConfig:
     architecture: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+    output_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -89,6 +98,45 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        self._check_layer_widths("layer_num_key_value_heads", self.num_key_value_heads)
+        self._check_layer_widths("layer_intermediate_sizes", self.intermediate_size)
+
+    def _check_layer_widths(self, name: str, widest: int) -> None:
+        """ValueError unless the per-layer list `name` (if any) has one width per layer, each
+        in [1, widest], and some layer as wide as `widest`."""
+        widths = getattr(self, name)
+        if widths is None:
+            return
+        if len(widths) != self.num_hidden_layers or not all(
+            isinstance(w, int) and 1 <= w <= widest for w in widths
+        ):
+            raise ValueError(
+                f"model config: {name} must list {self.num_hidden_layers} integers in "
+                f"[1, {widest}], got {widths!r}"
+            )
+        if max(widths) != widest:
+            raise ValueError(
+                f"model config: the widest layer of {name} ({max(widths)}) must equal the "
+                f"model's width {widest}"
+            )
+
+    @property
+    def uniform_width(self) -> bool:
+        """True when every layer has the same heads and MLP width."""
+        return all(
+            widths is None or len(set(widths)) == 1
+            for widths in (self.layer_num_key_value_heads, self.layer_intermediate_sizes)
+        )
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """KV heads of layer `layer`."""
+        widths = self.layer_num_key_value_heads
+        return self.num_key_value_heads if widths is None else widths[layer]
+
+    def layer_ffn_size(self, layer: int) -> int:
+        """MLP width of layer `layer`."""
+        widths = self.layer_intermediate_sizes
+        return self.intermediate_size if widths is None else widths[layer]
 
     @property
     def kv_elements_per_token(self) -> int:
@@ -140,6 +188,9 @@ class ModelConfig:
             architecture=archs[0] if archs else model_type,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            layer_num_key_value_heads=cfg.get("layer_num_key_value_heads"),
+            layer_intermediate_sizes=cfg.get("layer_intermediate_sizes"),
+            output_bias=bool(cfg.get("output_bias", False)),
         )
 
 

@@ -283,6 +283,7 @@ def add_bench_parser(subparsers: Any) -> None:
     from thinfer.bench.gpu_check import add_parser as add_gpu_check
     from thinfer.bench.matmul import add_parser as add_matmul
     from thinfer.bench.prune_latency import add_parser as add_prune_latency
+    from thinfer.bench.prune_quality import add_parser as add_prune_quality
     from thinfer.bench.softmax_offset import add_parser as add_softmax_offset
     from thinfer.bench.tensor_parallel import add_parser as add_tensor_parallel
 
@@ -292,5 +293,6 @@ def add_bench_parser(subparsers: Any) -> None:
     add_gpu_check(kinds)
     add_matmul(kinds).set_defaults(func=_matmul)
     add_prune_latency(kinds)
+    add_prune_quality(kinds)
     add_softmax_offset(kinds)
     add_tensor_parallel(kinds)

@@ -84,6 +84,14 @@ class CompressionStage:
         self.kv_cache = kv_cache
         self.rotary = rotary
         self.prepare_context = prepare_context
+        # Shared scoring averages over the KV heads that exist: a FLAP-pruned layer's zero
+        # padding heads (see `Attention`) are masked out.
+        widths = model_config.layer_num_key_value_heads
+        heads = model_config.num_key_value_heads
+        self._real_heads = (
+            None if widths is None else torch.tensor(widths)[:, None] > torch.arange(heads)
+        )
+        self._num_real_heads = sum(widths) if widths else model_config.num_hidden_layers * heads
         self.seconds = 0.0  # time inside `compress` (select + compact) since the last reset
 
     @classmethod
@@ -229,11 +237,9 @@ class CompressionStage:
             if comp.config.per_head:
                 received += sums
             elif self.deterministic:  # exact; ranks the slots as the mean does
-                received += self.exchange.sum_over_ranks(sums.sum(dim=(0, 1)))
+                received += self.exchange.sum_over_ranks(self._head_sum(sums))
             else:
-                cfg = self.model_config
-                total = self.exchange.sum_over_ranks(sums.sum(dim=(0, 1)))
-                received += total / (cfg.num_hidden_layers * cfg.num_key_value_heads)
+                received += self._head_mean(sums)
         queries = capture.queries(index)
         if queries is not None:
             if comp.queries is not None:
@@ -283,12 +289,17 @@ class CompressionStage:
         comp.state.apply(plan)
         self._rotate_sinks(seq, comp)
 
+    def _head_sum(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-head scores [layers, this rank's KV heads, n] -> their sum over the real
+        (not padding) heads [n]."""
+        if self._real_heads is not None:
+            scores = scores * self._real_heads[..., None].to(scores)
+        return scores.sum(dim=(0, 1))
+
     def _head_mean(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-head scores [layers, this rank's KV heads, n] -> their mean over the layers
-        and every rank's KV heads [n]."""
-        cfg = self.model_config
-        total = self.exchange.sum_over_ranks(scores.sum(dim=(0, 1)))
-        return total / (cfg.num_hidden_layers * cfg.num_key_value_heads)
+        and every rank's real KV heads [n]."""
+        return self.exchange.sum_over_ranks(self._head_sum(scores)) / self._num_real_heads
 
     def _rotate_sinks(self, seq: Sequence, comp: SequenceCompression) -> None:
         """StreamingLLM with reassigned positions: re-rotate the sinks (slots 0..s-1, never

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from thinfer.attention.backend import TORCH_BACKEND, AttentionBackend
@@ -21,7 +22,7 @@ from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate
 from thinfer.models.linear import Linear, unpack_linears
 from thinfer.models.norm import RMSNorm
 from thinfer.models.rope import RotaryEmbedding
-from thinfer.models.shards import ShardLayout, full_layout, shard_tensor
+from thinfer.models.shards import ShardLayout, full_layout, layer_layout, shard_tensor
 from thinfer.models.vocab_parallel import VocabParallelEmbedding
 
 
@@ -29,7 +30,12 @@ class Attention(nn.Module):
     """Self-attention with GQA over this rank's heads (`layout`); keys are rotated before
     they are cached. `backend` writes and reads the paged cache (see
     `LlamaForCausalLM.set_attention_backend`). Under tensor parallelism o_proj is
-    row-parallel: its partial outputs are summed over the ranks."""
+    row-parallel: its partial outputs are summed over the ranks.
+
+    A layer narrower than the cache (`cache_kv_heads`, a FLAP-pruned model's widest layer)
+    pads its keys, values and queries with zero heads: the padded KV heads stay zero in the
+    cache, their outputs are dropped before o_proj, so the cache stays one rectangular
+    tensor for every kernel and compression method."""
 
     def __init__(
         self,
@@ -37,18 +43,20 @@ class Attention(nn.Module):
         layer_index: int,
         layout: ShardLayout,
         collectives: Collectives = SINGLE_PROCESS,
+        cache_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads = layout.num_heads
         self.num_kv_heads = layout.num_kv_heads
+        self.padded_kv_heads = (cache_kv_heads or self.num_kv_heads) - self.num_kv_heads
         self.head_dim = cfg.head_dim
         self.collectives = collectives
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.output_bias)
         self.backend: AttentionBackend = TORCH_BACKEND
 
     def forward(
@@ -65,11 +73,16 @@ class Attention(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = rotate(q, k)
+        if self.padded_kv_heads:
+            pad = self.padded_kv_heads
+            k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+            q = F.pad(q, (0, 0, 0, pad * (self.num_heads // self.num_kv_heads)))
         if meta.capture is not None:
             meta.capture.record_queries(q)
         self.backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.collectives.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
+        out = out.reshape(tokens, -1)[:, : self.q_size]
+        return self.collectives.all_reduce(self.o_proj(out))
 
 
 class MLP(nn.Module):
@@ -81,7 +94,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * width)
-        self.down_proj = Linear(width, cfg.hidden_size)
+        self.down_proj = Linear(width, cfg.hidden_size, cfg.output_bias)
         self.ops: LayerOps = TORCH_OPS
         self.collectives = collectives
 
@@ -102,10 +115,11 @@ class DecoderLayer(nn.Module):
         collectives: Collectives = SINGLE_PROCESS,
     ) -> None:
         super().__init__()
+        own = layer_layout(layout, cfg, layer_index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_index, layout, collectives)
+        self.self_attn = Attention(cfg, layer_index, own, collectives, layout.num_kv_heads)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, layout.ffn_size, collectives)
+        self.mlp = MLP(cfg, own.ffn_size, collectives)
         self.ops: LayerOps = TORCH_OPS
 
     def forward(
@@ -270,6 +284,8 @@ class LlamaForCausalLM(nn.Module):
             names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
             if cfg.attention_bias:
                 names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+            if cfg.output_bias:
+                names += [p + "self_attn.o_proj.bias", p + "mlp.down_proj.bias"]
         return names
 
     def _map_name(self, hf_name: str) -> tuple[str | None, tuple[int, int] | None]:
@@ -279,7 +295,10 @@ class LlamaForCausalLM(nn.Module):
         if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None, None
         name = hf_name.removeprefix("model.")
-        layout, head_dim = self.layout, self.config.head_dim
+        head_dim = self.config.head_dim
+        layout = self.layout
+        if name.startswith("layers."):
+            layout = layer_layout(layout, self.config, int(name.split(".")[1]))
         q, kv, ffn = layout.num_heads * head_dim, layout.num_kv_heads * head_dim, layout.ffn_size
         fused = {
             "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),

@@ -73,6 +73,12 @@ def plan_shards(cfg: ModelConfig, world_size: int) -> list[ShardLayout]:
     cannot be split (a rank must hold at least one query head and one MLP channel)."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {world_size!r}")
+    if world_size > 1 and (not cfg.uniform_width or cfg.output_bias):
+        raise ValueError(
+            f"tensor_parallel_size {world_size}: this model's layers differ in width or have "
+            "o_proj/down_proj biases (a FLAP-pruned checkpoint); tensor parallelism needs "
+            "uniform layers without them"
+        )
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     group = heads // kv
     if world_size > kv and world_size % kv:
@@ -121,6 +127,19 @@ def plan_shards(cfg: ModelConfig, world_size: int) -> list[ShardLayout]:
 def full_layout(cfg: ModelConfig) -> ShardLayout:
     """The layout of a single process: everything."""
     return plan_shards(cfg, 1)[0]
+
+
+def layer_layout(layout: ShardLayout, cfg: ModelConfig, layer: int) -> ShardLayout:
+    """The part of layer `layer` a rank holds: `layout` itself, except in a model whose
+    layers differ in width (single process only), where it is that layer's own heads and
+    MLP channels."""
+    if cfg.uniform_width:
+        return layout
+    kv = cfg.layer_kv_heads(layer)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    return dataclasses.replace(
+        layout, heads=(0, kv * group), kv_heads=(0, kv), ffn=(0, cfg.layer_ffn_size(layer))
+    )
 
 
 # HF tensor name part -> (dimension sharded, the layout's range; heads count head_dim rows).

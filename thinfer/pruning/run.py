@@ -7,13 +7,14 @@ from typing import Any
 
 from thinfer.pruning.calibration import batch_of, perplexity, text_splits
 from thinfer.pruning.depth import least_important, ppl_scores, remove_blocks, taylor_scores
+from thinfer.pruning.flap import prune_flap
 from thinfer.pruning.heal import heal_lora
 from thinfer.pruning.hf_model import load_for_pruning
 from thinfer.pruning.save import check_output, save_pruned
 from thinfer.pruning.width import prune_uniform
 
 DEPTH_METHODS = ("depth-ppl", "depth-taylor")
-WIDTH_METHODS = ("wanda-sp", "mag-sp")
+WIDTH_METHODS = ("flap", "wanda-sp", "mag-sp")
 METHODS = DEPTH_METHODS + WIDTH_METHODS
 
 
@@ -68,6 +69,8 @@ def run_prune(
         blocks = least_important(scores, count)
         remove_blocks(pruned, blocks)
         report.update(block_scores=scores, removed_blocks=blocks)
+    elif method == "flap":
+        report["shape"] = prune_flap(pruned, ratio, batch)  # type: ignore[arg-type]
     else:
         report["shape"] = prune_uniform(pruned, ratio, batch if method == "wanda-sp" else None)  # type: ignore[arg-type]
     report["ratio"] = ratio

@@ -78,8 +78,15 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return out.requires_grad_(False)
 
 
-def keep_groups(layer: nn.Module, groups: list[int], group_size: int, head_dim: int) -> None:
-    """Keep KV groups `groups` of a decoder layer: their K/V heads, their query heads."""
+def keep_groups(
+    layer: nn.Module,
+    groups: list[int],
+    group_size: int,
+    head_dim: int,
+    output_bias: torch.Tensor | None = None,
+) -> None:
+    """Keep KV groups `groups` of a decoder layer: their K/V heads, their query heads;
+    `output_bias` (FLAP's compensation) replaces o_proj's bias."""
     attn = layer.self_attn
     heads = [g * group_size + h for g in groups for h in range(group_size)]
     q_rows = torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)])
@@ -89,17 +96,23 @@ def keep_groups(layer: nn.Module, groups: list[int], group_size: int, head_dim: 
         bias = None if proj.bias is None else proj.bias[rows]
         setattr(attn, name, _linear(proj.weight[rows], bias))
     o = attn.o_proj
-    attn.o_proj = _linear(o.weight[:, q_rows], o.bias)
+    attn.o_proj = _linear(o.weight[:, q_rows], o.bias if output_bias is None else output_bias)
 
 
-def keep_channels(layer: nn.Module, channels: list[int]) -> None:
-    """Keep MLP channels `channels` of a decoder layer."""
+def keep_channels(
+    layer: nn.Module, channels: list[int], output_bias: torch.Tensor | None = None
+) -> None:
+    """Keep MLP channels `channels` of a decoder layer; `output_bias` (FLAP's compensation)
+    replaces down_proj's bias."""
     mlp, index = layer.mlp, torch.tensor(channels)
     for name in ("gate_proj", "up_proj"):
         proj = getattr(mlp, name)
         bias = None if proj.bias is None else proj.bias[index]
         setattr(mlp, name, _linear(proj.weight[index], bias))
-    mlp.down_proj = _linear(mlp.down_proj.weight[:, index], mlp.down_proj.bias)
+    down = mlp.down_proj
+    mlp.down_proj = _linear(
+        down.weight[:, index], down.bias if output_bias is None else output_bias
+    )
 
 
 def prune_uniform(

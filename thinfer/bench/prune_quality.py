@@ -1,0 +1,284 @@
+"""`thinfer bench prune-quality`: the results table of structured pruning, per method and ratio.
+
+For each (method, ratio): `run_prune` into a temporary directory without healing, and again
+with `--heal-steps` LoRA steps into another (pruning is deterministic, so both remove the
+same blocks or channels; only the healing differs). Measured per row: parameters, held-out
+perplexity of the dense, pruned and healed models (from the pruning reports), accuracy on
+held-out proxy-task traces (`thinfer dynts proxy-eval`'s task with the full KV cache, no
+compression) of the dense, pruned and healed models, and the healed model's decode tokens/s
+(`time_thinfer`: a batch of copies of one real prompt, greedy, EOS ignored, prefill
+excluded, after a warm-up) against the dense model's, measured in the same run. The
+temporary checkpoints are deleted; the JSON + PNG are rewritten after every row ("complete"
+once all are done) and a markdown table of the rows is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from thinfer.bench.decode_timing import (
+    IDLE_KV_BLOCKS,
+    free_device_memory,
+    resize_kv_cache,
+    time_thinfer,
+)
+from thinfer.bench.prompts import bench_prompts
+from thinfer.bench.report import DEFAULT_OUTPUT_DIR, model_short_name, write_result
+
+if TYPE_CHECKING:
+    from thinfer.dynts.proxy import ProxyProblem
+
+DEFAULT_RATIOS = "0.2,0.35"
+_POSITIVE = ("heal_steps", "count", "batch_size", "samples", "eval_samples", "facts", "steps")
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """ "depth-ppl,wanda-sp" -> the list; None or "" -> every method `run_prune` knows now."""
+    from thinfer.pruning.run import METHODS
+
+    if not text:
+        return list(METHODS)
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"--methods: unknown {unknown or text!r}; use some of {', '.join(METHODS)}"
+        )
+    return list(dict.fromkeys(methods))
+
+
+def parse_ratios(text: str) -> list[float]:
+    """ "0.2,0.35" -> [0.2, 0.35]; ValueError unless every ratio is a number in (0, 1)."""
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--ratios: expected comma-separated numbers, got {text!r}") from exc
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise ValueError(f"--ratios: every ratio must be in (0, 1), got {text!r}")
+    return list(dict.fromkeys(ratios))
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[str], list[float]]:
+    """The methods and ratios; ValueError for any bad option, before a model loads."""
+    methods, ratios = parse_methods(args.methods), parse_ratios(args.ratios)
+    for name in _POSITIVE:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_tokens < 2:
+        raise ValueError(
+            f"--max-tokens must be >= 2 (decode steps are timed), got {args.max_tokens}"
+        )
+    if args.facts > args.steps:
+        raise ValueError(f"--facts ({args.facts}) cannot exceed --steps ({args.steps})")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    return methods, ratios
+
+
+def measure(
+    model: str | None, args: argparse.Namespace, problems: list[ProxyProblem] | None, speed: bool
+) -> dict[str, Any]:
+    """Load `model` once (`--load-format` for the dense model, "auto" for the pruned ones):
+    proxy accuracy (full KV cache) on `problems` (None: make them with its tokenizer; returned
+    under "problems") and, if `speed`, decode tokens/s."""
+    from thinfer.bench.hf_peer import llm_device
+    from thinfer.dynts.proxy import ANSWER_TOKENS, make_problems
+    from thinfer.dynts.proxy_eval import run_method
+    from thinfer.llm import LLM
+
+    llm = LLM(
+        model, load_format=args.load_format if problems is None else "auto", device=args.device,
+        num_kv_blocks=IDLE_KV_BLOCKS, max_num_seqs=1,
+    )  # fmt: skip
+    if llm.tokenizer is None:
+        raise ValueError(f"{llm.source} has no tokenizer: the proxy task needs one")
+    if problems is None:
+        kwargs = dict(num_facts=args.facts, num_steps=args.steps)
+        problems = make_problems(llm.tokenizer, args.count, args.seed, **kwargs)
+    longest = max(len(p.trace.prompt_token_ids) + p.answer_prefix_end for p in problems)
+    resize_kv_cache(llm, len(problems), longest + ANSWER_TOKENS)  # all replayed at once
+    proxy = run_method(llm, problems, None)
+    result: dict[str, Any] = {
+        "source": llm.source,
+        "short_name": model_short_name(llm),
+        "proxy_accuracy": proxy["accuracy"],
+        "problems": problems,
+    }
+    if speed:
+        prompt = llm.tokenizer.encode(bench_prompts(1)[0])
+        timing = time_thinfer(llm, [list(prompt) for _ in range(args.batch_size)], args.max_tokens)
+        result.update(tokens_per_s=timing.tokens_per_s, prompt_tokens=len(prompt))
+    device = llm_device(llm)
+    llm.close()
+    del llm
+    free_device_memory(device)
+    return result
+
+
+def removed_summary(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A short text of what `run_prune` removed, and the JSON form: the blocks, or the shape
+    without the per-layer index lists (uniform widths, or per-layer ones such as FLAP's)."""
+    if "removed_blocks" in report:
+        blocks = report["removed_blocks"]
+        return f"{len(blocks)} blocks ({', '.join(map(str, blocks))})", {"blocks": blocks}
+    shape = report["shape"]
+    groups, channels = shape["dropped_kv_groups"], shape["dropped_mlp_channels"]
+    detail = {k: v for k, v in shape.items() if not k.startswith("dropped")}
+    if "intermediate_size" in shape:  # the same in every layer
+        kv, mlp = shape["num_key_value_heads"], shape["intermediate_size"]
+        dropped_kv, dropped_mlp = len(groups[0]), len(channels[0])
+        return f"KV groups {kv + dropped_kv}->{kv}, MLP {mlp + dropped_mlp}->{mlp}", detail
+    total_kv, total_mlp = sum(map(len, groups)), sum(map(len, channels))
+    return f"{total_kv} KV groups, {total_mlp} MLP channels in {len(groups)} layers", detail
+
+
+def prune_row(
+    method: str, ratio: float, args: argparse.Namespace, dense: dict[str, Any]
+) -> dict[str, Any]:
+    """Prune twice (without and with healing) into a temporary directory, measure both."""
+    from thinfer.pruning.run import run_prune
+
+    common = dict(
+        model=args.model, load_format=args.load_format, ratio=ratio, calib=args.calib,
+        samples=args.samples, eval_samples=args.eval_samples,
+    )  # fmt: skip
+    problems = dense["problems"]
+    with tempfile.TemporaryDirectory(prefix="thinfer-prune-quality-") as tmp:
+        print(f"{method} {ratio}: pruning", flush=True)
+        pruned = run_prune(os.path.join(tmp, "pruned"), method, heal_steps=0, **common)
+        before = measure(os.path.join(tmp, "pruned"), args, problems, speed=False)
+        print(f"{method} {ratio}: pruning and healing ({args.heal_steps} steps)", flush=True)
+        healed = run_prune(
+            os.path.join(tmp, "healed"), method, heal_steps=args.heal_steps, **common
+        )
+        after = measure(os.path.join(tmp, "healed"), args, problems, speed=True)
+    text, removed = removed_summary(pruned)
+    params = pruned["pruned"]["parameters"]
+    return {
+        "method": method,
+        "ratio": ratio,
+        "parameters": params,
+        "parameters_dense": pruned["dense"]["parameters"],
+        "parameters_fraction": params / pruned["dense"]["parameters"],
+        "removed": text,
+        "removed_detail": removed,
+        "ppl_dense": pruned["dense"]["ppl"],
+        "ppl_pruned": pruned["pruned"]["ppl"],
+        "ppl_healed": healed["healed"]["ppl"],
+        "ppl_pruned_in_heal_run": healed["pruned"]["ppl"],
+        "heal_first_loss": healed["healed"]["first_loss"],
+        "heal_last_loss": healed["healed"]["last_loss"],
+        "proxy_accuracy_dense": dense["proxy_accuracy"],
+        "proxy_accuracy_pruned": before["proxy_accuracy"],
+        "proxy_accuracy_healed": after["proxy_accuracy"],
+        "tokens_per_s": after["tokens_per_s"],
+        "speedup_vs_dense": after["tokens_per_s"] / dense["tokens_per_s"],
+        "prune_seconds": pruned["seconds"],
+        "prune_and_heal_seconds": healed["seconds"],
+    }
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """The rows as a markdown table, the dense model first."""
+    d = data["dense"]
+    head = "| method | ratio | removed | parameters | held-out PPL pruned -> healed | "
+    head += "proxy acc. pruned -> healed | decode tok/s | vs dense | prune s |"
+    lines = [head, "|" + "---|" * 9]
+    lines.append(
+        f"| dense | 0 | - | {d['parameters'] / 1e6:.1f}M (1.00) | {d['ppl']:.2f} | "
+        f"{d['proxy_accuracy']:.2f} | {d['tokens_per_s']:.1f} | 1.00 | - |"
+    )
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['ratio']:g} | {r['removed']} | {r['parameters'] / 1e6:.1f}M "
+            f"({r['parameters_fraction']:.2f}) | {r['ppl_pruned']:.2f} -> {r['ppl_healed']:.2f} | "
+            f"{r['proxy_accuracy_pruned']:.2f} -> {r['proxy_accuracy_healed']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f} | {r['prune_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_prune_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every (method, ratio) row; write JSON + PNG after each; print the table."""
+    methods, ratios = check_args(args)
+    import torch
+
+    from thinfer.bench.prune_quality_plot import plot_prune_quality
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print("dense model: proxy accuracy and decode speed", flush=True)
+    dense = measure(args.model, args, None, speed=True)
+    data: dict[str, Any] = {
+        "benchmark": "prune_quality",
+        "model": dense["source"],
+        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "methods": methods,
+        "ratios": ratios,
+        "heal_steps": args.heal_steps,
+        "calibration": {"text": args.calib or "default", "samples": args.samples},
+        "eval_samples": args.eval_samples,
+        "proxy": {"count": args.count, "seed": args.seed, "facts": args.facts, "steps": args.steps},
+        "decode": {"batch_size": args.batch_size, "max_tokens": args.max_tokens,
+                   "prompt_tokens": dense["prompt_tokens"]},
+        "notes": "ppl: held-out perplexity (windows of 128 tokens); proxy accuracy: full KV "
+        "cache; tokens_per_s: decode of the healed model, prefill excluded",
+        "dense": None,
+        "rows": [],
+    }  # fmt: skip
+    name = f"prune_quality_{dense['short_name']}"
+    for method in methods:
+        for ratio in ratios:
+            row = prune_row(method, ratio, args, dense)
+            if data["dense"] is None:
+                data["dense"] = {
+                    "parameters": row["parameters_dense"], "ppl": row["ppl_dense"],
+                    "proxy_accuracy": dense["proxy_accuracy"],
+                    "tokens_per_s": dense["tokens_per_s"],
+                }  # fmt: skip
+            data["rows"].append(row)
+            data["complete"] = len(data["rows"]) == len(methods) * len(ratios)
+            json_path, png_path = write_result(
+                name, data, plot_prune_quality(data), args.output_dir
+            )
+    print(markdown_table(data))
+    print(f"wrote {json_path} and {png_path}")
+    return data
+
+
+def add_parser(kinds: Any) -> None:
+    """Register `thinfer bench prune-quality`."""
+    pq = kinds.add_parser(
+        "prune-quality",
+        help="pruning results table: perplexity, proxy accuracy, speed per method x ratio",
+        description="For each --methods x --ratios: `thinfer prune` into a temporary "
+        "directory, once without and once with LoRA healing; held-out perplexity, proxy-task "
+        "accuracy (full KV cache) of the dense, pruned and healed models, and the healed "
+        "model's decode tokens/s against the dense model's in the same run. Writes JSON + "
+        "PNG and prints a markdown table.",
+    )
+    pq.add_argument("--model", default=None, help="HF dir or GGUF (default: embedded SmolLM2)")
+    pq.add_argument("--load-format", default="auto", choices=["auto", "gguf", "safetensors"])
+    pq.add_argument(
+        "--methods", default=None, help="comma-separated (default: every `thinfer prune` method)"
+    )
+    pq.add_argument(
+        "--ratios", default=DEFAULT_RATIOS, help=f"in (0, 1) (default {DEFAULT_RATIOS})"
+    )
+    pq.add_argument("--heal-steps", type=int, default=50, help="LoRA steps (default 50)")
+    pq.add_argument("--samples", type=int, default=10, help="calibration windows (default 10)")
+    pq.add_argument("--eval-samples", type=int, default=10, help="held-out windows (default 10)")
+    pq.add_argument("--calib", nargs="+", default=None, help="calibration text (see prune)")
+    pq.add_argument("--count", type=int, default=40, help="held-out proxy traces (default 40)")
+    pq.add_argument("--seed", type=int, default=1, help="proxy held-out split seed (default 1)")
+    pq.add_argument("--facts", type=int, default=3, help="critical results per trace (3)")
+    pq.add_argument("--steps", type=int, default=30, help="steps per trace (default 30)")
+    pq.add_argument("--batch-size", type=int, default=16, help="decode batch (default 16)")
+    pq.add_argument("--max-tokens", type=int, default=64, help="greedy tokens each (default 64)")
+    pq.add_argument("--device", default=None, help="thinfer's device (default: cuda if available)")
+    pq.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pq.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
+    pq.set_defaults(func=lambda args: 0 if run_prune_quality(args) else 1)

@@ -1,0 +1,57 @@
+"""The figure of `thinfer bench prune-quality`: perplexity, proxy accuracy and speed-up per
+(method, ratio), before and after healing, against the dense model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from thinfer.bench.machine import machine_info
+
+
+def plot_prune_quality(data: dict[str, Any]) -> Figure:
+    """Three panels over the rows (method x ratio): held-out perplexity (log) pruned and
+    healed, proxy accuracy pruned and healed, decode speed-up of the healed model; the dense
+    model is the dashed line in each."""
+    rows, dense = data["rows"], data["dense"]
+    labels = [f"{r['method']}\n{r['ratio']:g}" for r in rows]
+    xs = list(range(len(rows)))
+    width = 0.38
+    fig = Figure(figsize=(max(9.0, 1.1 * len(rows) + 6), 10), layout="constrained")
+    panels = fig.subplots(3, 1, sharex=True)
+    pairs = (
+        (panels[0], "ppl", "held-out perplexity (log)", dense["ppl"]),
+        (panels[1], "proxy_accuracy", "proxy-task accuracy", dense["proxy_accuracy"]),
+    )
+    for ax, key, ylabel, reference in pairs:
+        for shift, stage, colour in ((-width / 2, "pruned", "C1"), (width / 2, "healed", "C2")):
+            values = [r[f"{key}_{stage}"] for r in rows]
+            bars = ax.bar([x + shift for x in xs], values, width, color=colour, label=stage)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.axhline(reference, color="k", linestyle="--", linewidth=1, label="dense")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    panels[0].set_yscale("log")
+    lowest = min([dense["ppl"]] + [r[f"ppl_{s}"] for r in rows for s in ("pruned", "healed")])
+    panels[0].set_ylim(bottom=lowest / 1.5)  # bars on a log axis start at the bottom
+    panels[1].set_ylim(0, 1.05)
+    speed = panels[2]
+    bars = speed.bar(xs, [r["speedup_vs_dense"] for r in rows], 2 * width, color="C0")
+    speed.bar_label(bars, fmt="%.2fx", fontsize=7)
+    speed.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    speed.set_ylabel(f"decode tokens/s vs dense\n({dense['tokens_per_s']:.0f} tok/s)")
+    speed.set_xticks(xs, labels, fontsize=8)
+    speed.set_xlim(-0.8, len(rows) - 0.2)  # one row: bars of a normal width
+    speed.grid(True, axis="y", alpha=0.3)
+    cpu = machine_info()["cpu_model"]
+    decode = data["decode"]
+    fig.suptitle(
+        f"Structured pruning of {data['model'].rstrip('/').split('/')[-1]}: before and after "
+        f"{data['heal_steps']} LoRA healing steps\n{data['device']} ({cpu}); decode: batch "
+        f"{decode['batch_size']} x {decode['max_tokens']} greedy tokens; proxy: "
+        f"{data['proxy']['count']} held-out traces, full KV cache",
+        fontsize=10,
+    )
+    return fig
