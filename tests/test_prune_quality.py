@@ -73,11 +73,10 @@ def test_prune_quality_rows(tiny, tmp_path, capsys, keep_threads):
         assert 0 < row["parameters_fraction"] < 1
         for key in ("ppl_dense", "ppl_pruned", "ppl_healed"):
             assert math.isfinite(row[key]) and row[key] > 1
-        assert row["ppl_pruned_in_heal_run"] == pytest.approx(row["ppl_pruned"])  # deterministic
         for key in ("proxy_accuracy_dense", "proxy_accuracy_pruned", "proxy_accuracy_healed"):
             assert 0.0 <= row[key] <= 1.0
         assert row["tokens_per_s"] > 0 and row["speedup_vs_dense"] > 0
-        assert row["prune_seconds"] >= 0
+        assert row["prune_and_heal_seconds"] >= 0
     assert dense["tokens_per_s"] > 0 and 0 <= dense["proxy_accuracy"] <= 1
     table = capsys.readouterr().out
     assert (

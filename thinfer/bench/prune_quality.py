@@ -1,15 +1,14 @@
 """`thinfer bench prune-quality`: the results table of structured pruning, per method and ratio.
 
-For each (method, ratio): `run_prune` into a temporary directory without healing, and again
-with `--heal-steps` LoRA steps into another (pruning is deterministic, so both remove the
-same blocks or channels; only the healing differs). Measured per row: parameters, held-out
-perplexity of the dense, pruned and healed models (from the pruning reports), accuracy on
-held-out proxy-task traces (`thinfer dynts proxy-eval`'s task with the full KV cache, no
-compression) of the dense, pruned and healed models, and the healed model's decode tokens/s
-(`time_thinfer`: a batch of copies of one real prompt, greedy, EOS ignored, prefill
-excluded, after a warm-up) against the dense model's, measured in the same run. The
-temporary checkpoints are deleted; the JSON + PNG are rewritten after every row ("complete"
-once all are done) and a markdown table of the rows is printed.
+For each (method, ratio): one `run_prune` with `--heal-steps` LoRA steps, which saves the
+model before and after healing into two temporary directories. Measured per row:
+parameters; held-out perplexity of the dense, pruned and healed models (from the pruning
+report); accuracy on held-out proxy-task traces (`thinfer dynts proxy-eval`'s task with
+the full KV cache, no compression) of the dense, pruned and healed models; and the healed
+model's decode tokens/s (`time_thinfer`: a batch of copies of one real prompt, greedy, EOS
+ignored, prefill excluded, after a warm-up) against the dense model's, measured in the
+same run. The temporary checkpoints are deleted; the JSON + PNG are rewritten after every
+row ("complete" once all are done) and a markdown table of the rows is printed.
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ def removed_summary(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def prune_row(
     method: str, ratio: float, args: argparse.Namespace, dense: dict[str, Any]
 ) -> dict[str, Any]:
-    """Prune twice (without and with healing) into a temporary directory, measure both."""
+    """Prune and heal once, saving both models into a temporary directory; measure both."""
     from thinfer.pruning.run import run_prune
 
     common = dict(
@@ -147,14 +146,17 @@ def prune_row(
     )  # fmt: skip
     problems = dense["problems"]
     with tempfile.TemporaryDirectory(prefix="thinfer-prune-quality-") as tmp:
-        print(f"{method} {ratio}: pruning", flush=True)
-        pruned = run_prune(os.path.join(tmp, "pruned"), method, heal_steps=0, **common)
-        before = measure(os.path.join(tmp, "pruned"), args, problems, speed=False)
         print(f"{method} {ratio}: pruning and healing ({args.heal_steps} steps)", flush=True)
-        healed = run_prune(
-            os.path.join(tmp, "healed"), method, heal_steps=args.heal_steps, **common
+        report = run_prune(
+            os.path.join(tmp, "healed"),
+            method,
+            heal_steps=args.heal_steps,
+            unhealed_output=os.path.join(tmp, "pruned"),
+            **common,
         )
+        before = measure(os.path.join(tmp, "pruned"), args, problems, speed=False)
         after = measure(os.path.join(tmp, "healed"), args, problems, speed=True)
+    pruned = healed = report  # one report: pruned, then healed
     text, removed = removed_summary(pruned)
     params = pruned["pruned"]["parameters"]
     return {
@@ -168,7 +170,6 @@ def prune_row(
         "ppl_dense": pruned["dense"]["ppl"],
         "ppl_pruned": pruned["pruned"]["ppl"],
         "ppl_healed": healed["healed"]["ppl"],
-        "ppl_pruned_in_heal_run": healed["pruned"]["ppl"],
         "heal_first_loss": healed["healed"]["first_loss"],
         "heal_last_loss": healed["healed"]["last_loss"],
         "proxy_accuracy_dense": dense["proxy_accuracy"],
@@ -176,8 +177,7 @@ def prune_row(
         "proxy_accuracy_healed": after["proxy_accuracy"],
         "tokens_per_s": after["tokens_per_s"],
         "speedup_vs_dense": after["tokens_per_s"] / dense["tokens_per_s"],
-        "prune_seconds": pruned["seconds"],
-        "prune_and_heal_seconds": healed["seconds"],
+        "prune_and_heal_seconds": report["seconds"],
     }
 
 
@@ -185,7 +185,7 @@ def markdown_table(data: dict[str, Any]) -> str:
     """The rows as a markdown table, the dense model first."""
     d = data["dense"]
     head = "| method | ratio | removed | parameters | held-out PPL pruned -> healed | "
-    head += "proxy acc. pruned -> healed | decode tok/s | vs dense | prune s |"
+    head += "proxy acc. pruned -> healed | decode tok/s | vs dense | prune+heal s |"
     lines = [head, "|" + "---|" * 9]
     lines.append(
         f"| dense | 0 | - | {d['parameters'] / 1e6:.1f}M (1.00) | {d['ppl']:.2f} | "
@@ -196,7 +196,8 @@ def markdown_table(data: dict[str, Any]) -> str:
             f"| {r['method']} | {r['ratio']:g} | {r['removed']} | {r['parameters'] / 1e6:.1f}M "
             f"({r['parameters_fraction']:.2f}) | {r['ppl_pruned']:.2f} -> {r['ppl_healed']:.2f} | "
             f"{r['proxy_accuracy_pruned']:.2f} -> {r['proxy_accuracy_healed']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f} | {r['prune_seconds']:.0f} |"
+            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f} | "
+            f"{r['prune_and_heal_seconds']:.0f} |"
         )
     return "\n".join(lines)
 

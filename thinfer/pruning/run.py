@@ -44,14 +44,18 @@ def run_prune(
     samples: int = 10,
     eval_samples: int = 10,
     heal_steps: int = 0,
+    unhealed_output: str | None = None,
 ) -> dict[str, Any]:
     """Prune `model` with `method` (by `ratio`, or `remove` blocks), heal it with LoRA for
-    `heal_steps` steps if > 0, and save it to `output`; returns the report also written
-    there. Everything is checked before the model loads."""
+    `heal_steps` steps if > 0, and save it to `output` (and, when given, the model before
+    healing to `unhealed_output`); returns the report also written there. Everything is
+    checked before the model loads."""
     check_request(method, ratio, remove)
     if heal_steps < 0:
         raise ValueError(f"--heal-steps must be >= 0, got {heal_steps}")
     check_output(output)
+    if unhealed_output is not None:
+        check_output(unhealed_output)
     started = time.monotonic()
     pruned = load_for_pruning(model, load_format)
     calib_ids, held_out = text_splits(pruned.tokenizer, calib)
@@ -78,6 +82,8 @@ def run_prune(
         "parameters": pruned.num_parameters(),
         "ppl": perplexity(pruned.model, evaluation),
     }
+    if unhealed_output is not None:
+        save_pruned(pruned, unhealed_output, dict(report))
     if heal_steps:
         losses = heal_lora(pruned, batch_of(calib_ids, None), heal_steps)
         report["healed"] = {
