@@ -19,8 +19,10 @@ from conftest import run_cli
 from default_model import require_default_model
 
 from thinfer import LLM, SamplingParams
+from thinfer.bench.prune_variants import param_count
 from thinfer.config import ModelConfig
 from thinfer.loading import load_checkpoint
+from thinfer.loading.hf_config import hf_model_from_checkpoint
 from thinfer.models.shards import plan_shards
 from thinfer.pruning.calibration import batch_of, text_splits
 from thinfer.pruning.flap import input_statistics, prune_flap
@@ -166,7 +168,12 @@ def test_flap_adapts_widths_compensates_with_biases_and_reloads_in_thinfer(tiny,
     thinfer_matches(out, pruned.model, ids)
     with pytest.raises((RuntimeError, ValueError)):
         transformers.AutoModelForCausalLM.from_pretrained(out)
+    rebuilt = hf_model_from_checkpoint(load_checkpoint(out), torch.float32)  # HF, fitted
+    torch.testing.assert_close(
+        logits(rebuilt, torch.tensor([ids])), logits(pruned.model, torch.tensor([ids]))
+    )
     config = ModelConfig.from_hf_dict(json.load(open(os.path.join(out, "config.json"))))
+    assert param_count(config) == report["pruned"]["parameters"] == pruned.num_parameters()
     with pytest.raises(ValueError, match="differ in width"):
         plan_shards(config, 2)
 
@@ -175,7 +182,7 @@ def test_flap_adapts_widths_compensates_with_biases_and_reloads_in_thinfer(tiny,
     padded = torch.full((8, 2, 5), 1e6)  # a padding head's score must not count
     for layer, count in enumerate(heads):
         padded[layer, :count] = torch.arange(5.0)
-    mean = llm.engine.compression._head_mean(padded)
+    mean = llm.engine.compression.head_average.mean(padded)
     torch.testing.assert_close(mean, torch.arange(5.0))
     compressed = SamplingParams(
         max_tokens=40,

@@ -255,8 +255,9 @@ def add_parser(kinds: Any) -> None:
     pq = kinds.add_parser(
         "prune-quality",
         help="pruning results table: perplexity, proxy accuracy, speed per method x ratio",
-        description="For each --methods x --ratios: `thinfer prune` into a temporary "
-        "directory, once without and once with LoRA healing; held-out perplexity, proxy-task "
+        description="For each --methods x --ratios: `thinfer prune` with LoRA healing, the "
+        "model saved before and after healing into a temporary directory; held-out "
+        "perplexity, proxy-task "
         "accuracy (full KV cache) of the dense, pruned and healed models, and the healed "
         "model's decode tokens/s against the dense model's in the same run. Writes JSON + "
         "PNG and prints a markdown table.",

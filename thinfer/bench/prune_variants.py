@@ -29,23 +29,32 @@ if TYPE_CHECKING:
     from thinfer.engine.factory import LoadedModel
 
 
-def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one decoder block: its linears, q/k/v biases if any, and two norms."""
-    bias = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    return linear_params_per_layer(cfg) + (bias if cfg.attention_bias else 0) + 2 * cfg.hidden_size
+def layer_params(cfg: ModelConfig, layer: int | None = None) -> int:
+    """Parameters of one decoder block (layer `layer`'s own width, None: the widest): its
+    linears, q/k/v biases if any, o/down biases if any (FLAP), and two norms."""
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    kv = cfg.num_key_value_heads if layer is None else cfg.layer_kv_heads(layer)
+    qkv_bias = (kv * group + 2 * kv) * cfg.head_dim if cfg.attention_bias else 0
+    output_bias = 2 * cfg.hidden_size if cfg.output_bias else 0
+    return linear_params_per_layer(cfg, layer) + qkv_bias + output_bias + 2 * cfg.hidden_size
 
 
 def param_count(cfg: ModelConfig) -> int:
     """Parameters of a model of shape `cfg`, tied embeddings counted once."""
     embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    return embeddings + cfg.num_hidden_layers * layer_params(cfg) + cfg.hidden_size
+    layers = sum(layer_params(cfg, i) for i in range(cfg.num_hidden_layers))
+    return embeddings + layers + cfg.hidden_size
 
 
-def shape(cfg: ModelConfig) -> dict[str, int]:
+def shape(cfg: ModelConfig) -> dict[str, Any]:
     """The fields of `cfg` that pruning changes (and the hidden and vocab sizes)."""
     keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")
     keys += ("head_dim", "intermediate_size", "vocab_size")
-    return {key: getattr(cfg, key) for key in keys}
+    fields: dict[str, Any] = {key: getattr(cfg, key) for key in keys}
+    for key in ("layer_num_key_value_heads", "layer_intermediate_sizes"):  # FLAP's widths
+        if getattr(cfg, key) is not None:
+            fields[key] = getattr(cfg, key)
+    return fields
 
 
 def default_remove_blocks(num_layers: int) -> int:
@@ -132,17 +141,20 @@ def hf_from_checkpoint(
     path: str | None, dtype: torch.dtype, device: torch.device
 ) -> PreTrainedModel:
     """The HF transformers model of the checkpoint thinfer loads from `path` (None: the
-    embedded default): `from_pretrained` for an HF directory; for a GGUF file, the config's
-    shape filled with thinfer's own loaded tensors (HF names, Q/K already un-permuted)."""
+    embedded default): `from_pretrained` for an HF directory of a uniform shape; for a GGUF
+    file or a FLAP checkpoint (per-layer widths, which `from_pretrained` cannot build), the
+    config's shape fitted to thinfer's own loaded tensors (`hf_model_from_checkpoint`)."""
     from transformers import AutoModelForCausalLM
 
-    if path is not None and os.path.isdir(path):
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model.to(device).eval()
     from thinfer.loading import load_checkpoint
     from thinfer.loading.hf_config import hf_model_from_checkpoint
 
-    return hf_model_from_checkpoint(load_checkpoint(path), dtype).to(device)
+    checkpoint = load_checkpoint(path)
+    uniform = checkpoint.config.uniform_width and not checkpoint.config.output_bias
+    if path is not None and os.path.isdir(path) and uniform:
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.to(device).eval()
+    return hf_model_from_checkpoint(checkpoint, dtype).to(device)
 
 
 Builders = list[tuple[str, "Callable[[], LoadedModel]", "Callable[[], PreTrainedModel]"]]

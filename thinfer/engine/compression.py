@@ -26,6 +26,7 @@ from thinfer.compression.selection import SequenceView, select_slots
 from thinfer.compression.slot_state import SlotState
 from thinfer.config import ModelConfig
 from thinfer.engine.exchange import StepExchange
+from thinfer.engine.head_average import HeadAverage
 from thinfer.engine.kv_cache import KVCache
 from thinfer.engine.scheduler import ScheduledSequence
 from thinfer.engine.sequence import Sequence
@@ -84,14 +85,7 @@ class CompressionStage:
         self.kv_cache = kv_cache
         self.rotary = rotary
         self.prepare_context = prepare_context
-        # Shared scoring averages over the KV heads that exist: a FLAP-pruned layer's zero
-        # padding heads (see `Attention`) are masked out.
-        widths = model_config.layer_num_key_value_heads
-        heads = model_config.num_key_value_heads
-        self._real_heads = (
-            None if widths is None else torch.tensor(widths)[:, None] > torch.arange(heads)
-        )
-        self._num_real_heads = sum(widths) if widths else model_config.num_hidden_layers * heads
+        self.head_average = HeadAverage(model_config, self.exchange)
         self.seconds = 0.0  # time inside `compress` (select + compact) since the last reset
 
     @classmethod
@@ -237,9 +231,9 @@ class CompressionStage:
             if comp.config.per_head:
                 received += sums
             elif self.deterministic:  # exact; ranks the slots as the mean does
-                received += self.exchange.sum_over_ranks(self._head_sum(sums))
+                received += self.head_average.total(sums)
             else:
-                received += self._head_mean(sums)
+                received += self.head_average.mean(sums)
         queries = capture.queries(index)
         if queries is not None:
             if comp.queries is not None:
@@ -274,7 +268,7 @@ class CompressionStage:
                 layer_keys=(lambda i: self.kv_cache.layer_keys(seq, i)) if wants_keys else None,
                 queries=comp.queries,
                 num_layers=self.model_config.num_hidden_layers,
-                head_mean=self._head_mean,
+                head_mean=self.head_average.mean,
             )
 
         if comp.config.per_head:  # each rank for its own heads, to one common length
@@ -288,18 +282,6 @@ class CompressionStage:
         self.kv_cache.compact(seq, plan)
         comp.state.apply(plan)
         self._rotate_sinks(seq, comp)
-
-    def _head_sum(self, scores: torch.Tensor) -> torch.Tensor:
-        """Per-head scores [layers, this rank's KV heads, n] -> their sum over the real
-        (not padding) heads [n]."""
-        if self._real_heads is not None:
-            scores = scores * self._real_heads[..., None].to(scores)
-        return scores.sum(dim=(0, 1))
-
-    def _head_mean(self, scores: torch.Tensor) -> torch.Tensor:
-        """Per-head scores [layers, this rank's KV heads, n] -> their mean over the layers
-        and every rank's real KV heads [n]."""
-        return self.exchange.sum_over_ranks(self._head_sum(scores)) / self._num_real_heads
 
     def _rotate_sinks(self, seq: Sequence, comp: SequenceCompression) -> None:
         """StreamingLLM with reassigned positions: re-rotate the sinks (slots 0..s-1, never

@@ -43,13 +43,22 @@ def hf_config(cfg: ModelConfig) -> object:
 def hf_model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
     """An HF transformers model of `checkpoint`'s shape holding its weights (HF names, Q/K
     rows already un-permuted for a GGUF), tied embeddings tied, in eval mode; ValueError
-    when the checkpoint has no weights or its tensors do not match the model."""
+    when the checkpoint has no weights or its tensors do not match the model.
+
+    A FLAP-pruned checkpoint (per-layer widths, o_proj/down_proj biases) has no HF config
+    that says its shape; its model is built at the widest layer's shape and each projection
+    then rebuilt at its tensor's shape (HF's attention and MLP run such layers as they
+    are: the query heads per KV head stay the same), as `thinfer prune` holds it in memory.
+    """
     from transformers import AutoModelForCausalLM
 
     if checkpoint.tensors is None:
         raise ValueError(f"{checkpoint.source}: dummy checkpoint, no weights to load")
     model: Any = AutoModelForCausalLM.from_config(hf_config(checkpoint.config), dtype=dtype)
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.tensors()}
+    cfg = checkpoint.config
+    if not cfg.uniform_width or cfg.output_bias:
+        _fit_projections(model, state, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = model.config.tie_word_embeddings
     missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
@@ -61,3 +70,24 @@ def hf_model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
     if tied:
         model.tie_weights()
     return model.eval()
+
+
+def _fit_projections(model: Any, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Rebuild every decoder projection of `model` at its tensor's shape in `state`, with a
+    bias where `state` has one, and record the per-layer widths in the HF config (so saving
+    the model writes a config thinfer reads back)."""
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if not isinstance(module, torch.nn.Linear) or weight is None or ".layers." not in name:
+            continue
+        has_bias = f"{name}.bias" in state
+        if tuple(module.weight.shape) == tuple(weight.shape) and (module.bias is None) != has_bias:
+            continue
+        parent, _, child = name.rpartition(".")
+        rebuilt = torch.nn.Linear(
+            weight.shape[1], weight.shape[0], bias=has_bias, dtype=weight.dtype
+        )
+        setattr(model.get_submodule(parent), child, rebuilt)
+    model.config.layer_num_key_value_heads = cfg.layer_num_key_value_heads
+    model.config.layer_intermediate_sizes = cfg.layer_intermediate_sizes
+    model.config.output_bias = cfg.output_bias

@@ -20,6 +20,7 @@ from thinfer.config import ModelConfig
 from thinfer.models.collectives import SINGLE_PROCESS, Collectives
 from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate
 from thinfer.models.linear import Linear, unpack_linears
+from thinfer.models.llama_names import expected_tensor_names, parameter_for
 from thinfer.models.norm import RMSNorm
 from thinfer.models.rope import RotaryEmbedding
 from thinfer.models.shards import ShardLayout, full_layout, layer_layout, shard_tensor
@@ -250,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in tensors:
-            name, rows = self._map_name(hf_name)
+            name, rows = parameter_for(hf_name, self.config, self.layout)
             if name is None:
                 continue
             if name not in params:
@@ -265,49 +266,8 @@ class LlamaForCausalLM(nn.Module):
                 )
             target.copy_(tensor.to(param.dtype))
             loaded.add(hf_name)
-        expected = set(self.expected_tensor_names())
+        expected = set(expected_tensor_names(self.config))
         missing = sorted(expected - loaded)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-
-    def expected_tensor_names(self) -> list[str]:
-        """HF tensor names this model needs."""
-        cfg = self.config
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
-        for i in range(cfg.num_hidden_layers):
-            p = f"model.layers.{i}."
-            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-            if cfg.attention_bias:
-                names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-            if cfg.output_bias:
-                names += [p + "self_attn.o_proj.bias", p + "mlp.down_proj.bias"]
-        return names
-
-    def _map_name(self, hf_name: str) -> tuple[str | None, tuple[int, int] | None]:
-        """HF name -> (parameter name, row range inside a fused parameter)."""
-        if "rotary_emb" in hf_name:
-            return None, None
-        if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return None, None
-        name = hf_name.removeprefix("model.")
-        head_dim = self.config.head_dim
-        layout = self.layout
-        if name.startswith("layers."):
-            layout = layer_layout(layout, self.config, int(name.split(".")[1]))
-        q, kv, ffn = layout.num_heads * head_dim, layout.num_kv_heads * head_dim, layout.ffn_size
-        fused = {
-            "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
-            "self_attn.k_proj": ("self_attn.qkv_proj", (q, q + kv)),
-            "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, q + 2 * kv)),
-            "mlp.gate_proj": ("mlp.gate_up_proj", (0, ffn)),
-            "mlp.up_proj": ("mlp.gate_up_proj", (ffn, 2 * ffn)),
-        }
-        for part, (target, rows) in fused.items():
-            if f".{part}." in name:
-                return name.replace(part, target), rows
-        return name, None
