@@ -1,4 +1,5 @@
-"""The `thinfer dynts` sub-commands: traces, proxy-traces, label, train, proxy-eval, fidelity.
+"""The `thinfer dynts` sub-commands: traces, proxy-traces, corpus, label, train, proxy-eval,
+fidelity.
 
 Each sub-command is added by its own `add_*_command(commands)` function, listed in
 `SUBCOMMANDS`; a new one is a function taking the group's sub-parsers plus one entry there.
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from thinfer.dynts.corpus_cli import add_corpus_command
 from thinfer.dynts.features import DEFAULT_CHUNK
 from thinfer.dynts.fidelity_cli import add_fidelity_command
 from thinfer.dynts.proxy_cli import add_proxy_eval_command, add_proxy_traces_command
@@ -177,6 +179,7 @@ def add_train_command(commands: Any) -> None:
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_traces_command,
     add_proxy_traces_command,
+    add_corpus_command,
     add_label_command,
     add_train_command,
     add_proxy_eval_command,
