@@ -75,7 +75,11 @@ def test_prune_quality_rows(tiny, tmp_path, capsys, keep_threads):
             assert math.isfinite(row[key]) and row[key] > 1
         for key in ("proxy_accuracy_dense", "proxy_accuracy_pruned", "proxy_accuracy_healed"):
             assert 0.0 <= row[key] <= 1.0
-        assert row["tokens_per_s"] > 0 and row["speedup_vs_dense"] > 0
+        assert row["tokens_per_s"] > 0 and row["dense_tokens_per_s"] > 0
+        assert row["speedup_vs_dense"] == pytest.approx(
+            row["tokens_per_s"] / row["dense_tokens_per_s"]
+        )
+        assert "checkpoint" not in row  # the temporary checkpoints are gone
         assert row["prune_and_heal_seconds"] >= 0
     assert dense["tokens_per_s"] > 0 and 0 <= dense["proxy_accuracy"] <= 1
     table = capsys.readouterr().out

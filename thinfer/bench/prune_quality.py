@@ -1,20 +1,23 @@
 """`thinfer bench prune-quality`: the results table of structured pruning, per method and ratio.
 
 For each (method, ratio): one `run_prune` with `--heal-steps` LoRA steps, which saves the
-model before and after healing into two temporary directories. Measured per row:
-parameters; held-out perplexity of the dense, pruned and healed models (from the pruning
-report); accuracy on held-out proxy-task traces (`thinfer dynts proxy-eval`'s task with
-the full KV cache, no compression) of the dense, pruned and healed models; and the healed
-model's decode tokens/s (`time_thinfer`: a batch of copies of one real prompt, greedy, EOS
-ignored, prefill excluded, after a warm-up) against the dense model's, measured in the
-same run. The temporary checkpoints are deleted; the JSON + PNG are rewritten after every
-row ("complete" once all are done) and a markdown table of the rows is printed.
+model before and after healing into a temporary directory. Measured per row: parameters;
+held-out perplexity of the dense, pruned and healed models (from the pruning report);
+accuracy on held-out proxy-task traces (`thinfer dynts proxy-eval`'s task with the full KV
+cache, no compression) of the dense, pruned and healed models. Then, once all rows are
+pruned, the speed phase: per row the dense model's decode tokens/s and right after it the
+healed model's (`time_thinfer`: a batch of copies of one real prompt, greedy, EOS ignored,
+prefill excluded, after a warm-up), so each ratio compares two measurements made back to
+back, not minutes apart while pruning shares the machine. The temporary checkpoints are
+deleted; the JSON + PNG are rewritten after every row ("complete" once the speed phase is
+done) and a markdown table of the rows is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +81,15 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[float]]:
 
 
 def measure(
-    model: str | None, args: argparse.Namespace, problems: list[ProxyProblem] | None, speed: bool
+    model: str | None,
+    args: argparse.Namespace,
+    problems: list[ProxyProblem] | None,
+    speed: bool,
+    proxy: bool = True,
 ) -> dict[str, Any]:
     """Load `model` once (`--load-format` for the dense model, "auto" for the pruned ones):
     proxy accuracy (full KV cache) on `problems` (None: make them with its tokenizer; returned
-    under "problems") and, if `speed`, decode tokens/s."""
+    under "problems"; skipped if not `proxy`) and, if `speed`, decode tokens/s."""
     from thinfer.bench.hf_peer import llm_device
     from thinfer.dynts.proxy import ANSWER_TOKENS, make_problems
     from thinfer.dynts.proxy_eval import run_method
@@ -94,18 +101,15 @@ def measure(
     )  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.source} has no tokenizer: the proxy task needs one")
-    if problems is None:
-        kwargs = dict(num_facts=args.facts, num_steps=args.steps)
-        problems = make_problems(llm.tokenizer, args.count, args.seed, **kwargs)
-    longest = max(len(p.trace.prompt_token_ids) + p.answer_prefix_end for p in problems)
-    resize_kv_cache(llm, len(problems), longest + ANSWER_TOKENS)  # all replayed at once
-    proxy = run_method(llm, problems, None)
-    result: dict[str, Any] = {
-        "source": llm.source,
-        "short_name": model_short_name(llm),
-        "proxy_accuracy": proxy["accuracy"],
-        "problems": problems,
-    }
+    result: dict[str, Any] = {"source": llm.source, "short_name": model_short_name(llm)}
+    if proxy:
+        if problems is None:
+            kwargs = dict(num_facts=args.facts, num_steps=args.steps)
+            problems = make_problems(llm.tokenizer, args.count, args.seed, **kwargs)
+        longest = max(len(p.trace.prompt_token_ids) + p.answer_prefix_end for p in problems)
+        resize_kv_cache(llm, len(problems), longest + ANSWER_TOKENS)  # all replayed at once
+        graded = run_method(llm, problems, None)
+        result.update(proxy_accuracy=graded["accuracy"], problems=problems)
     if speed:
         prompt = llm.tokenizer.encode(bench_prompts(1)[0])
         timing = time_thinfer(llm, [list(prompt) for _ in range(args.batch_size)], args.max_tokens)
@@ -135,9 +139,11 @@ def removed_summary(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def prune_row(
-    method: str, ratio: float, args: argparse.Namespace, dense: dict[str, Any]
+    method: str, ratio: float, args: argparse.Namespace, dense: dict[str, Any], folder: str
 ) -> dict[str, Any]:
-    """Prune and heal once, saving both models into a temporary directory; measure both."""
+    """Prune and heal once, the model before healing saved beside the healed one under
+    `folder`; proxy accuracy of both. The unhealed copy is deleted, the healed one kept
+    (`row["checkpoint"]`) for the speed phase."""
     from thinfer.pruning.run import run_prune
 
     common = dict(
@@ -145,40 +151,54 @@ def prune_row(
         samples=args.samples, eval_samples=args.eval_samples,
     )  # fmt: skip
     problems = dense["problems"]
-    with tempfile.TemporaryDirectory(prefix="thinfer-prune-quality-") as tmp:
-        print(f"{method} {ratio}: pruning and healing ({args.heal_steps} steps)", flush=True)
-        report = run_prune(
-            os.path.join(tmp, "healed"),
-            method,
-            heal_steps=args.heal_steps,
-            unhealed_output=os.path.join(tmp, "pruned"),
-            **common,
-        )
-        before = measure(os.path.join(tmp, "pruned"), args, problems, speed=False)
-        after = measure(os.path.join(tmp, "healed"), args, problems, speed=True)
-    pruned = healed = report  # one report: pruned, then healed
-    text, removed = removed_summary(pruned)
-    params = pruned["pruned"]["parameters"]
+    healed_dir = os.path.join(folder, f"{method}-{ratio:g}")
+    unhealed_dir = healed_dir + "-unhealed"
+    print(f"{method} {ratio}: pruning and healing ({args.heal_steps} steps)", flush=True)
+    report = run_prune(
+        healed_dir, method, heal_steps=args.heal_steps, unhealed_output=unhealed_dir, **common
+    )
+    before = measure(unhealed_dir, args, problems, speed=False)
+    shutil.rmtree(unhealed_dir)
+    after = measure(healed_dir, args, problems, speed=False)
+    text, removed = removed_summary(report)
+    params = report["pruned"]["parameters"]
     return {
         "method": method,
         "ratio": ratio,
+        "checkpoint": healed_dir,
         "parameters": params,
-        "parameters_dense": pruned["dense"]["parameters"],
-        "parameters_fraction": params / pruned["dense"]["parameters"],
+        "parameters_dense": report["dense"]["parameters"],
+        "parameters_fraction": params / report["dense"]["parameters"],
         "removed": text,
         "removed_detail": removed,
-        "ppl_dense": pruned["dense"]["ppl"],
-        "ppl_pruned": pruned["pruned"]["ppl"],
-        "ppl_healed": healed["healed"]["ppl"],
-        "heal_first_loss": healed["healed"]["first_loss"],
-        "heal_last_loss": healed["healed"]["last_loss"],
+        "ppl_dense": report["dense"]["ppl"],
+        "ppl_pruned": report["pruned"]["ppl"],
+        "ppl_healed": report["healed"]["ppl"],
+        "heal_first_loss": report["healed"]["first_loss"],
+        "heal_last_loss": report["healed"]["last_loss"],
         "proxy_accuracy_dense": dense["proxy_accuracy"],
         "proxy_accuracy_pruned": before["proxy_accuracy"],
         "proxy_accuracy_healed": after["proxy_accuracy"],
-        "tokens_per_s": after["tokens_per_s"],
-        "speedup_vs_dense": after["tokens_per_s"] / dense["tokens_per_s"],
         "prune_and_heal_seconds": report["seconds"],
     }
+
+
+def measure_speed(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[float]:
+    """The speed phase, after all pruning: per row, the dense model's decode tokens/s and
+    then the healed checkpoint's, back to back, so each ratio compares two measurements
+    made under the same load; fills each row's speed fields and returns the dense ones."""
+    dense_speeds = []
+    for row in rows:
+        print(f"{row['method']} {row['ratio']}: decode speed against dense", flush=True)
+        dense = measure(args.model, args, None, speed=True, proxy=False)["tokens_per_s"]
+        ours = measure(row.pop("checkpoint"), args, None, speed=True, proxy=False)
+        row.update(
+            tokens_per_s=ours["tokens_per_s"],
+            dense_tokens_per_s=dense,
+            speedup_vs_dense=ours["tokens_per_s"] / dense,
+        )
+        dense_speeds.append(dense)
+    return dense_speeds
 
 
 def markdown_table(data: dict[str, Any]) -> str:
@@ -211,8 +231,8 @@ def run_prune_quality(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print("dense model: proxy accuracy and decode speed", flush=True)
-    dense = measure(args.model, args, None, speed=True)
+    print("dense model: proxy accuracy", flush=True)
+    dense = measure(args.model, args, None, speed=False)
     data: dict[str, Any] = {
         "benchmark": "prune_quality",
         "model": dense["source"],
@@ -223,28 +243,30 @@ def run_prune_quality(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {"text": args.calib or "default", "samples": args.samples},
         "eval_samples": args.eval_samples,
         "proxy": {"count": args.count, "seed": args.seed, "facts": args.facts, "steps": args.steps},
-        "decode": {"batch_size": args.batch_size, "max_tokens": args.max_tokens,
-                   "prompt_tokens": dense["prompt_tokens"]},
+        "decode": {"batch_size": args.batch_size, "max_tokens": args.max_tokens},
         "notes": "ppl: held-out perplexity (windows of 128 tokens); proxy accuracy: full KV "
-        "cache; tokens_per_s: decode of the healed model, prefill excluded",
+        "cache; tokens_per_s: decode of the healed model, prefill excluded, measured after "
+        "all pruning right after the dense model's (dense_tokens_per_s), whose median is "
+        "dense.tokens_per_s",
         "dense": None,
         "rows": [],
+        "complete": False,
     }  # fmt: skip
     name = f"prune_quality_{dense['short_name']}"
-    for method in methods:
-        for ratio in ratios:
-            row = prune_row(method, ratio, args, dense)
-            if data["dense"] is None:
-                data["dense"] = {
+    with tempfile.TemporaryDirectory(prefix="thinfer-prune-quality-") as folder:
+        for method in methods:
+            for ratio in ratios:
+                row = prune_row(method, ratio, args, dense, folder)
+                data["dense"] = data["dense"] or {
                     "parameters": row["parameters_dense"], "ppl": row["ppl_dense"],
-                    "proxy_accuracy": dense["proxy_accuracy"],
-                    "tokens_per_s": dense["tokens_per_s"],
+                    "proxy_accuracy": dense["proxy_accuracy"], "tokens_per_s": None,
                 }  # fmt: skip
-            data["rows"].append(row)
-            data["complete"] = len(data["rows"]) == len(methods) * len(ratios)
-            json_path, png_path = write_result(
-                name, data, plot_prune_quality(data), args.output_dir
-            )
+                data["rows"].append(row)
+                write_result(name, data, plot_prune_quality(data), args.output_dir)
+        dense_speeds = sorted(measure_speed(data["rows"], args))
+    data["dense"]["tokens_per_s"] = dense_speeds[len(dense_speeds) // 2]
+    data["complete"] = True
+    json_path, png_path = write_result(name, data, plot_prune_quality(data), args.output_dir)
     print(markdown_table(data))
     print(f"wrote {json_path} and {png_path}")
     return data

@@ -38,10 +38,15 @@ def plot_prune_quality(data: dict[str, Any]) -> Figure:
     panels[0].set_ylim(bottom=lowest / 1.5)  # bars on a log axis start at the bottom
     panels[1].set_ylim(0, 1.05)
     speed = panels[2]
-    bars = speed.bar(xs, [r["speedup_vs_dense"] for r in rows], 2 * width, color="C0")
+    speedups = [r.get("speedup_vs_dense", 0.0) for r in rows]  # 0: speed phase not run yet
+    bars = speed.bar(xs, speedups, 2 * width, color="C0")
     speed.bar_label(bars, fmt="%.2fx", fontsize=7)
     speed.axhline(1.0, color="k", linestyle="--", linewidth=1)
-    speed.set_ylabel(f"decode tokens/s vs dense\n({dense['tokens_per_s']:.0f} tok/s)")
+    dense_speed = dense["tokens_per_s"]
+    speed.set_ylabel(
+        "decode tokens/s vs dense\n"
+        + (f"(dense: {dense_speed:.0f} tok/s)" if dense_speed else "(pending)")
+    )
     speed.set_xticks(xs, labels, fontsize=8)
     speed.set_xlim(-0.8, len(rows) - 0.2)  # one row: bars of a normal width
     speed.grid(True, axis="y", alpha=0.3)
