@@ -18,8 +18,9 @@ def plot_prune_quality(data: dict[str, Any]) -> Figure:
     labels = [f"{r['method']}\n{r['ratio']:g}" for r in rows]
     xs = list(range(len(rows)))
     width = 0.38
-    fig = Figure(figsize=(max(9.0, 1.1 * len(rows) + 6), 10), layout="constrained")
-    panels = fig.subplots(3, 1, sharex=True)
+    timed = any("speedup_vs_dense" in r for r in rows)  # after the speed phase
+    fig = Figure(figsize=(max(9.0, 1.1 * len(rows) + 6), 10 if timed else 7), layout="constrained")
+    panels = fig.subplots(3 if timed else 2, 1, sharex=True)
     pairs = (
         (panels[0], "ppl", "held-out perplexity (log)", dense["ppl"]),
         (panels[1], "proxy_accuracy", "proxy-task accuracy", dense["proxy_accuracy"]),
@@ -37,6 +38,11 @@ def plot_prune_quality(data: dict[str, Any]) -> Figure:
     lowest = min([dense["ppl"]] + [r[f"ppl_{s}"] for r in rows for s in ("pruned", "healed")])
     panels[0].set_ylim(bottom=lowest / 1.5)  # bars on a log axis start at the bottom
     panels[1].set_ylim(0, 1.05)
+    if not timed:
+        panels[1].set_xticks(xs, labels, fontsize=8)
+        panels[1].set_xlim(-0.8, len(rows) - 0.2)
+        _title(fig, data)
+        return fig
     speed = panels[2]
     speedups = [r.get("speedup_vs_dense", 0.0) for r in rows]  # 0: speed phase not run yet
     bars = speed.bar(xs, speedups, 2 * width, color="C0")
@@ -50,6 +56,11 @@ def plot_prune_quality(data: dict[str, Any]) -> Figure:
     speed.set_xticks(xs, labels, fontsize=8)
     speed.set_xlim(-0.8, len(rows) - 0.2)  # one row: bars of a normal width
     speed.grid(True, axis="y", alpha=0.3)
+    _title(fig, data)
+    return fig
+
+
+def _title(fig: Figure, data: dict[str, Any]) -> None:
     cpu = machine_info()["cpu_model"]
     decode = data["decode"]
     fig.suptitle(
@@ -59,4 +70,3 @@ def plot_prune_quality(data: dict[str, Any]) -> Figure:
         f"{data['proxy']['count']} held-out traces, full KV cache",
         fontsize=10,
     )
-    return fig
