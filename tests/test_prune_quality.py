@@ -9,35 +9,17 @@ import math
 
 import pytest
 import torch
-from default_model import require_default_model
+from tiny_llama import save_tiny_llama
 
 from thinfer.cli import main
-from thinfer.loading import load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    """A tiny Llama checkpoint with SmolLM2's tokenizer (as tests/test_pruning.py builds)."""
-    require_default_model()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
-    directory = tmp_path_factory.mktemp("tiny")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    load_checkpoint(None).tokenizer.save(str(directory))
-    return str(directory)
+    """A tiny Llama checkpoint with SmolLM2's tokenizer (`tests/tiny_llama.py`)."""
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
 def _argv(model: str, out, *extra: str) -> list[str]:

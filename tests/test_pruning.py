@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 from conftest import run_cli
-from default_model import require_default_model
+from tiny_llama import save_tiny_llama
 
 from thinfer import LLM, SamplingParams
 from thinfer.bench.prune_variants import param_count
@@ -36,25 +36,8 @@ FAST = dict(samples=2, eval_samples=2)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    """A tiny Llama checkpoint with SmolLM2's tokenizer (vocabulary 49152)."""
-    require_default_model()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
-    directory = tmp_path_factory.mktemp("tiny")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    load_checkpoint(None).tokenizer.save(str(directory))
-    return str(directory)
+    """A tiny Llama checkpoint with SmolLM2's tokenizer (`tests/tiny_llama.py`)."""
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
 def hf(directory: str) -> torch.nn.Module:

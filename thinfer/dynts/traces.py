@@ -16,7 +16,7 @@ found by its token ids (`think_end_token_ids`, e.g. the ids of "</think>" for th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,18 +95,22 @@ def trace_from_record(record: dict[str, Any], tokenizer: Tokenizer | None, line:
     )
 
 
-def read_traces(path: str, tokenizer: Tokenizer | None = None) -> list[Trace]:
-    """All traces of a JSONL file (blank lines skipped)."""
-    traces = []
+def read_jsonl(path: str, kind: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; ValueError naming
+    the `kind` of record ("trace", "problem") and the line that is not JSON."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: trace line {number} is not JSON ({e.msg})") from e
-            traces.append(trace_from_record(record, tokenizer, number))
+                raise ValueError(f"{path}: {kind} line {number} is not JSON ({e.msg})") from e
+
+
+def read_traces(path: str, tokenizer: Tokenizer | None = None) -> list[Trace]:
+    """All traces of a JSONL file (blank lines skipped)."""
+    traces = [trace_from_record(r, tokenizer, n) for n, r in read_jsonl(path, "trace")]
     if not traces:
         raise ValueError(f"{path}: no traces")
     return traces

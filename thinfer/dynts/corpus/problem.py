@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thinfer.dynts.proxy import ProxyProblem
-from thinfer.dynts.traces import trace_from_record
+from thinfer.dynts.traces import read_jsonl, trace_from_record
 
 
 @dataclass
@@ -81,19 +81,12 @@ def read_problems(path: str, families: Iterable[str] | None = None) -> list[Corp
     `families` when given."""
     wanted = None if families is None else set(families)
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: problem line {number} is not JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: problem line {number}: expected a JSON object")
-            problem = problem_from_record(record, number)
-            if wanted is None or problem.family in wanted:
-                problems.append(problem)
+    for number, record in read_jsonl(path, "problem"):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: problem line {number}: expected a JSON object")
+        problem = problem_from_record(record, number)
+        if wanted is None or problem.family in wanted:
+            problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
