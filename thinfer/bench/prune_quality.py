@@ -201,33 +201,12 @@ def measure_speed(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[
     return dense_speeds
 
 
-def markdown_table(data: dict[str, Any]) -> str:
-    """The rows as a markdown table, the dense model first."""
-    d = data["dense"]
-    head = "| method | ratio | removed | parameters | held-out PPL pruned -> healed | "
-    head += "proxy acc. pruned -> healed | decode tok/s | vs dense | prune+heal s |"
-    lines = [head, "|" + "---|" * 9]
-    lines.append(
-        f"| dense | 0 | - | {d['parameters'] / 1e6:.1f}M (1.00) | {d['ppl']:.2f} | "
-        f"{d['proxy_accuracy']:.2f} | {d['tokens_per_s']:.1f} | 1.00 | - |"
-    )
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['method']} | {r['ratio']:g} | {r['removed']} | {r['parameters'] / 1e6:.1f}M "
-            f"({r['parameters_fraction']:.2f}) | {r['ppl_pruned']:.2f} -> {r['ppl_healed']:.2f} | "
-            f"{r['proxy_accuracy_pruned']:.2f} -> {r['proxy_accuracy_healed']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f} | "
-            f"{r['prune_and_heal_seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def run_prune_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every (method, ratio) row; write JSON + PNG after each; print the table."""
     methods, ratios = check_args(args)
     import torch
 
-    from thinfer.bench.prune_quality_plot import plot_prune_quality
+    from thinfer.bench.prune_quality_plot import markdown_table, plot_prune_quality
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

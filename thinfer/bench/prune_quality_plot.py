@@ -1,5 +1,6 @@
-"""The figure of `thinfer bench prune-quality`: perplexity, proxy accuracy and speed-up per
-(method, ratio), before and after healing, against the dense model."""
+"""The figure and the markdown table of `thinfer bench prune-quality`: perplexity, proxy
+accuracy and speed-up per (method, ratio), before and after healing, against the dense
+model."""
 
 from __future__ import annotations
 
@@ -70,3 +71,24 @@ def _title(fig: Figure, data: dict[str, Any]) -> None:
         f"{data['proxy']['count']} held-out traces, full KV cache",
         fontsize=10,
     )
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """The rows as a markdown table, the dense model first."""
+    d = data["dense"]
+    head = "| method | ratio | removed | parameters | held-out PPL pruned -> healed | "
+    head += "proxy acc. pruned -> healed | decode tok/s | vs dense | prune+heal s |"
+    lines = [head, "|" + "---|" * 9]
+    lines.append(
+        f"| dense | 0 | - | {d['parameters'] / 1e6:.1f}M (1.00) | {d['ppl']:.2f} | "
+        f"{d['proxy_accuracy']:.2f} | {d['tokens_per_s']:.1f} | 1.00 | - |"
+    )
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['ratio']:g} | {r['removed']} | {r['parameters'] / 1e6:.1f}M "
+            f"({r['parameters_fraction']:.2f}) | {r['ppl_pruned']:.2f} -> {r['ppl_healed']:.2f} | "
+            f"{r['proxy_accuracy_pruned']:.2f} -> {r['proxy_accuracy_healed']:.2f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f} | "
+            f"{r['prune_and_heal_seconds']:.0f} |"
+        )
+    return "\n".join(lines)

@@ -82,8 +82,9 @@ class Attention(nn.Module):
             meta.capture.record_queries(q)
         self.backend.store_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        out = out.reshape(tokens, -1)[:, : self.q_size]
-        return self.collectives.all_reduce(self.o_proj(out))
+        if self.padded_kv_heads:  # drop the padding heads' outputs
+            out = out.reshape(tokens, -1)[:, : self.q_size]
+        return self.collectives.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
 class MLP(nn.Module):
