@@ -1,5 +1,5 @@
 """The `thinfer dynts` sub-commands: traces, proxy-traces, corpus, label, train, proxy-eval,
-fidelity.
+fidelity, generalization.
 
 Each sub-command is added by its own `add_*_command(commands)` function, listed in
 `SUBCOMMANDS`; a new one is a function taking the group's sub-parsers plus one entry there.
@@ -15,6 +15,7 @@ from typing import Any
 from thinfer.dynts.corpus_cli import add_corpus_command
 from thinfer.dynts.features import DEFAULT_CHUNK
 from thinfer.dynts.fidelity_cli import add_fidelity_command
+from thinfer.dynts.generalization_cli import add_generalization_command
 from thinfer.dynts.proxy_cli import add_proxy_eval_command, add_proxy_traces_command
 from thinfer.dynts.traces import DEFAULT_THINK_END
 from thinfer.dynts.traces_cli import add_traces_command
@@ -184,6 +185,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_train_command,
     add_proxy_eval_command,
     add_fidelity_command,
+    add_generalization_command,
 ]
 
 

@@ -1,0 +1,283 @@
+"""`thinfer dynts generalization`: leave-one-family-out evaluation of DynTS on a corpus.
+
+The steps are in `thinfer.dynts.generalization`; this module checks the options, runs them
+family by family and writes the record (JSON + PNG under --output-dir, a markdown table on
+stdout). See docs/dynts.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from thinfer.dynts.corpus.problem import CorpusProblem
+
+DEFAULT_METHODS = "full,window,streamingllm,sepllm,h2o,snapkv,rkv,dynts"
+DEFAULT_WORK_DIR = "tmp/dynts_generalization"
+
+
+def parse_names(text: str) -> list[str]:
+    """The comma-separated names of `text`, blanks dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def parse_fractions(text: str) -> list[float]:
+    """Budget fractions of a comma-separated list; ValueError outside (0, 1] or repeated."""
+    try:
+        fractions = [float(x) for x in parse_names(text)]
+    except ValueError as e:
+        raise ValueError(f"--budgets must be comma-separated numbers, got {text!r}") from e
+    if not fractions:
+        raise ValueError("--budgets is empty")
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"--budgets: fractions must be in (0, 1], got {bad[0]}")
+    if len(set(fractions)) != len(fractions):
+        raise ValueError(f"--budgets: a fraction is listed twice: {text}")
+    return fractions
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """`methods` with `full` first (the reference); ValueError for an unknown or repeated one."""
+    from thinfer.compression.config import all_method_names
+
+    known = all_method_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods lists a method twice: {', '.join(methods)}")
+    return ["full"] + [m for m in methods if m != "full"]
+
+
+def by_family(problems: Sequence[CorpusProblem]) -> dict[str, list[CorpusProblem]]:
+    """The problems of each family, families and problems in file order."""
+    out: dict[str, list[CorpusProblem]] = {}
+    for problem in problems:
+        out.setdefault(problem.family, []).append(problem)
+    return out
+
+
+def select_families(
+    problems: Sequence[CorpusProblem], requested: Sequence[str] | None
+) -> list[str]:
+    """The families to hold out in turn (all of the corpus when None). ValueError when the
+    corpus has fewer than two families or a requested one is not in it."""
+    present = list(by_family(problems))
+    if len(present) < 2:
+        raise ValueError(
+            f"the corpus has {len(present)} famil{'y' if len(present) == 1 else 'ies'} "
+            f"({', '.join(present)}); leave-one-family-out needs at least two"
+        )
+    if requested is None:
+        return present
+    missing = [f for f in requested if f not in present]
+    if missing:
+        raise ValueError(f"family {', '.join(missing)} not in the corpus ({', '.join(present)})")
+    if not requested or len(set(requested)) != len(requested):
+        raise ValueError(f"--families must name distinct families, got {', '.join(requested)}")
+    return list(requested)
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The `TrainConfig` of the training options (checked)."""
+    from thinfer.dynts.train import TrainConfig
+
+    config = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        batch_unit=args.batch_unit,
+        val_fraction=args.val_fraction,
+        label_transform=args.label_transform,
+        seed=args.seed,
+    )
+    config.check()
+    return config
+
+
+def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
+    """Run `thinfer dynts generalization`; returns the record (also written with its PNG).
+    Every option is checked before the model is loaded or a trace labelled."""
+    from thinfer.bench.report import model_short_name, write_result
+    from thinfer.dynts import generalization as g
+    from thinfer.dynts.corpus.problem import read_problems
+    from thinfer.dynts.generalization_plot import markdown_table, plot_generalization
+    from thinfer.dynts.traces import think_end_ids
+    from thinfer.llm import LLM
+
+    problems = read_problems(args.corpus)
+    families = select_families(problems, parse_names(args.families) if args.families else None)
+    methods = check_methods(parse_names(args.methods))
+    fractions = parse_fractions(args.budgets)
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    groups = by_family(problems)
+    held_out = {f: groups[f][: args.count] for f in families}
+    plan = g.plan_budgets(held_out, fractions, args.window)
+    g.check_cells(methods, plan, args)
+    config = train_config(args)
+    dynts = "dynts" in methods
+
+    if llm is None:
+        llm = LLM(
+            model=args.model, max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks
+        )
+    if llm.tokenizer is None:
+        raise ValueError("this model has no tokenizer, so the think-end marker has no ids")
+    marker = think_end_ids(llm.tokenizer, args.think_end)
+    features = g.label_corpus(llm, problems, marker, args.features) if dynts else None
+    if features is not None:
+        for reason, count in sorted(features["skipped"].items()):
+            print(f"thinfer: warning: skipped {count} trace(s): {reason}", file=sys.stderr)
+        for family in families:  # every head has data, before the first one is trained
+            if not g.features_of(features, lambda f, family=family: f != family)["traces"]:
+                raise ValueError(f"no labelled trace outside family {family!r} to train DynTS on")
+
+    record_families: dict[str, Any] = {}
+    for family in families:
+        head = g.make_head(features, family, config, args.work_dir) if features else None
+        if head is not None:
+            with open(head["path"] + ".json", "w", encoding="utf-8") as f:
+                json.dump(head["train_report"], f, indent=2)
+                f.write("\n")
+            print(
+                f"{family}: head without it trained on {head['train_report']['num_traces']} "
+                f"traces; top-20% overlap on {family} {_fmt(head['overlap_held_out'])}, "
+                f"on its validation split {_fmt(head['overlap_validation'])}"
+            )
+        problems_f = held_out[family]
+        cells = g.evaluate_family(
+            llm, problems_f, methods, plan[family], args, head and head["path"], marker
+        )
+        lengths = [len(p.trace.token_ids) for p in problems_f]
+        record_families[family] = {
+            "traces": len(problems_f),
+            "mean_length": sum(lengths) / len(lengths),
+            "head": None if head is None else _head_summary(head),
+            "budgets": {
+                str(fraction): {"fraction": fraction, "budget": budget, "methods": row}
+                for fraction, budget, row in zip(fractions, plan[family], cells)
+            },
+        }
+        for fraction, row in zip(fractions, cells):
+            summary = ", ".join(f"{m} {c['accuracy']:.2f}" for m, c in row.items())
+            print(f"{family} at {fraction}: accuracy {summary}")
+    record = {
+        "benchmark": "dynts_generalization",
+        "model": llm.source,
+        "corpus": {"path": args.corpus, "traces": len(problems), "families": list(groups)},
+        "count": args.count,
+        "budget_fractions": fractions,
+        "window": args.window,
+        "ratio": args.ratio,
+        "trigger": "uniform",
+        "scoring": args.scoring,
+        "methods": methods,
+        "nll_tokens": "completion tokens up to the answer prefix, at positions past the budget",
+        "think_end": args.think_end,
+        "features": args.features,
+        "label_skipped": None if features is None else features["skipped"],
+        "training": {**asdict(config), "work_dir": args.work_dir},
+        "families": record_families,
+    }
+    name = f"dynts_generalization_{model_short_name(llm)}_{args.scoring}"
+    json_path, png_path = write_result(name, record, plot_generalization(record), args.output_dir)
+    print(markdown_table(record))
+    print(f"wrote {json_path} and {png_path}")
+    return record
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _head_summary(head: dict[str, Any]) -> dict[str, Any]:
+    report = head["train_report"]
+    return {
+        "path": head["path"],
+        "overlap_held_out": head["overlap_held_out"],
+        "overlap_validation": head["overlap_validation"],
+        "held_out_traces": head["held_out_traces"],
+        "train_traces": report["num_train_traces"],
+        "val_traces": report["num_val_traces"],
+        "train_tokens": report["num_train_tokens"],
+        "optimizer_steps": report["optimizer_steps"],
+        "label_transform": report["label_transform"],
+        "val_trace_ids": report["val_trace_ids"],
+    }
+
+
+def _generalization(args: argparse.Namespace) -> int:
+    run_generalization(args)
+    return 0
+
+
+def add_generalization_command(commands: Any) -> None:
+    """`thinfer dynts generalization`: each family held out in turn, DynTS against baselines."""
+    from thinfer.dynts.traces import DEFAULT_THINK_END
+    from thinfer.dynts.train import TrainConfig
+    from thinfer.dynts.train_data import BATCH_UNITS, LABEL_TRANSFORMS
+
+    d = TrainConfig()
+    p = commands.add_parser(
+        "generalization",
+        help="leave-one-family-out: DynTS heads trained without a family, judged on it",
+        description="Label every corpus trace once; for each held-out family train a DynTS "
+        "head on the other families only, measure its top-20% overlap on the unseen family, "
+        "then replay the family's problems at each budget (a fraction of its mean trace "
+        "length) under every method with the uniform trigger: accuracy, NLL of the "
+        "completion tokens (up to the answer prefix) past the budget, mean peak KV "
+        "(JSON + PNG, markdown on stdout).",
+    )
+    p.add_argument("--corpus", required=True, help="JSONL written by `thinfer dynts corpus`")
+    p.add_argument("--families", default=None, help="families to hold out (default: all)")
+    p.add_argument(
+        "--budgets",
+        default="0.2,0.4",
+        help="budget fractions in (0, 1] of the held-out family's mean trace length "
+        "(default 0.2,0.4; the budget is rounded to slots)",
+    )
+    p.add_argument("--window", type=int, default=64, help="W: recent slots kept (default 64)")
+    p.add_argument("--ratio", type=float, default=0.3, help="r: share of older slots kept")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated; full is added")
+    p.add_argument(
+        "--scoring",
+        default="per_head",
+        choices=["per_head", "shared"],
+        help="H2O/SnapKV/R-KV: keep slots per head (default) or one shared score per token",
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        help="label cache: written when missing, reused when made from the same corpus",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=DEFAULT_WORK_DIR,
+        help=f"where the heads head_without_<family>.safetensors go (default {DEFAULT_WORK_DIR})",
+    )
+    p.add_argument("--count", type=int, default=None, help="max held-out problems per family")
+    p.add_argument(
+        "--think-end",
+        default=DEFAULT_THINK_END,
+        help=f"text of the think-end marker (default {DEFAULT_THINK_END!r})",
+    )
+    p.add_argument("--model", default=None, help="HF dir, GGUF file (default: SmolLM2)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--num-kv-blocks", type=int, default=4096)
+    p.add_argument("--output-dir", default="bench/results")
+    t = p.add_argument_group("training (as `thinfer dynts train`)")
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--batch-unit", default=d.batch_unit, choices=list(BATCH_UNITS))
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="default: auto")
+    t.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    t.add_argument("--label-transform", default=d.label_transform, choices=list(LABEL_TRANSFORMS))
+    t.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_generalization)
