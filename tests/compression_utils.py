@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from thinfer.compression import METHODS, CompressionConfig
+from thinfer.compression.config import needs_predictor
 from thinfer.compression.method import method_class
 from thinfer.compression.selection import SequenceView, select_slots
 from thinfer.compression.slot_state import SlotState
@@ -45,7 +46,7 @@ def config_for(method: str, trigger: str, scoring: str, predictor: str) -> dict:
     config["window"] = 6 if trigger == "uniform" or method in ("h2o", "sepllm") else None
     if method in ("snapkv", "rkv"):
         config.update(interval=8, observation_window=4)
-    if method == "dynts":
+    if needs_predictor(method):
         config.update(predictor=predictor, think_end_token_ids=[13])  # "." ends thinking
     return config
 

@@ -136,7 +136,7 @@ def test_bad_arguments_fail_before_generation(llm, tmp_path, extra, message):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_default_methods_include_dynts_only_with_a_predictor(tmp_path):
+def test_default_methods_include_the_dynts_ones_only_with_a_predictor(tmp_path):
     from thinfer.eval.runner import validate_args
 
     dataset = _write(tmp_path / "tiny.jsonl", PROBLEMS)
@@ -145,7 +145,7 @@ def test_default_methods_include_dynts_only_with_a_predictor(tmp_path):
     without = validate_args(_args(dataset, tmp_path, "--budget", "32"))
     assert without == ["full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv"]
     with_head = validate_args(_args(dataset, tmp_path, "--budget", "32", "--predictor", str(head)))
-    assert with_head == [*without, "dynts"]
+    assert with_head == [*without, "dynts", "dynts-h2o"]
 
 
 def test_cli_missing_dataset_exits_2(tmp_path):

@@ -22,6 +22,7 @@ import torch
 from thinfer.bench.report import write_result
 from thinfer.compression import CompressionConfig
 from thinfer.compression.compaction import plan_compaction, plan_in_order
+from thinfer.compression.config import needs_predictor
 from thinfer.compression.selection import SequenceView, select_slots
 from thinfer.compression.slot_state import SlotState
 from thinfer.config import ModelConfig
@@ -36,7 +37,7 @@ BLOCK_SIZE = 16
 
 def method_config(method: str, budget: int) -> CompressionConfig:
     """The method at budget B with its native schedule (DynTS: W = 2/5 B, r = 0.3)."""
-    extra = {"predictor": "-"} if method == "dynts" else {}
+    extra = {"predictor": "-"} if needs_predictor(method) else {}
     return CompressionConfig(method, budget=budget, **extra)
 
 
@@ -90,7 +91,7 @@ def measure(
 
 def cycle_steps(method: str, budget: int) -> int:
     """Decoding steps between two compressions under the native schedule."""
-    if method != "dynts":
+    if not needs_predictor(method):  # DynTS-style: compress once per saw-tooth cycle
         return 1
     config = method_config(method, budget)
     window = config.recent_window

@@ -32,6 +32,7 @@ from thinfer.bench.decode_curve_record import (
 from thinfer.bench.model_cost import linear_flops, weight_bytes
 from thinfer.bench.prompts import tokenize_bench_prompts
 from thinfer.bench.report import model_short_name, safe_name, write_result
+from thinfer.compression.config import needs_predictor
 from thinfer.config import ModelConfig, resolve_dtype
 from thinfer.engine.telemetry import StepStats
 from thinfer.sampling_params import SamplingParams
@@ -48,7 +49,7 @@ RANDOM_HEAD = "random head (seed 0): speed and memory do not depend on its quali
 def _compression(args: argparse.Namespace, predictor: str | None) -> dict[str, Any]:
     names = ("method", "budget", "window", "ratio", "trigger")
     config: dict[str, Any] = {name: getattr(args, name) for name in names}
-    if args.method == "dynts":
+    if needs_predictor(args.method):
         config["predictor"] = predictor
     return config
 
@@ -60,8 +61,8 @@ def _validate(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.predictor is not None:
-        if args.method != "dynts":
-            raise ValueError("--predictor is only used with --method dynts")
+        if not needs_predictor(args.method):
+            raise ValueError(f"--predictor is not used by --method {args.method}")
         if not os.path.isfile(args.predictor):
             raise ValueError(f"--predictor: no such file {args.predictor}")
     CompressionConfig.coerce(_compression(args, args.predictor or "(random head)"))
@@ -72,9 +73,9 @@ def _sizing(args: argparse.Namespace, cfg: ModelConfig, prompt_len: int) -> dict
     from thinfer.engine.kv_cache import available_memory_bytes
 
     if args.budget <= prompt_len or (
-        args.method == "dynts" and args.budget <= prompt_len + args.window
+        needs_predictor(args.method) and args.budget <= prompt_len + args.window
     ):
-        what = "prompt + window" if args.method == "dynts" else "prompt"
+        what = "prompt + window" if needs_predictor(args.method) else "prompt"
         raise ValueError(f"--budget {args.budget} must exceed the {what} ({prompt_len} tokens)")
     tokens = prompt_len + args.steps + 2  # prefill token, `steps` recorded, 1 final step
     context = cfg.max_position_embeddings
@@ -168,7 +169,7 @@ def run_decode_curve(args: argparse.Namespace) -> dict[str, Any]:
     dtype = next(llm.engine.model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
         predictor, note = args.predictor, args.predictor
-        if args.method == "dynts" and predictor is None:
+        if needs_predictor(args.method) and predictor is None:
             predictor, note = os.path.join(tmp, "random_head.safetensors"), RANDOM_HEAD
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)

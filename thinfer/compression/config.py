@@ -179,7 +179,15 @@ def scoring_field(method: str, scoring: str) -> dict[str, str]:
     return {"scoring": scoring} if scoring == "shared" and method_class(method).per_head else {}
 
 
-BUILTIN_ORDER = ("full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv", "dynts")
+BUILTIN_ORDER = (
+    "full", "window", "streamingllm", "sepllm", "h2o", "snapkv", "rkv", "dynts", "dynts-h2o",
+)  # fmt: skip
+
+
+def needs_predictor(method: str) -> bool:
+    """True for a method scored by a DynTS importance head (it has a `predictor` field):
+    tools then ask for `--predictor` and pass the think-end marker."""
+    return "predictor" in {f.name for f in dataclasses.fields(method_class(method))}
 
 
 def all_method_names() -> tuple[str, ...]:

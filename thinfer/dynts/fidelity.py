@@ -157,14 +157,13 @@ def run_fidelity(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, 
     """Run `thinfer dynts fidelity`; returns the JSON record (also written with its PNG)."""
     from thinfer.bench.report import write_result
     from thinfer.dynts.fidelity_plot import plot_fidelity
-    from thinfer.dynts.proxy_eval import method_config, result_name
+    from thinfer.dynts.proxy_eval import check_predictor, method_config, result_name
     from thinfer.dynts.traces import think_end_ids
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "full" not in methods:
         methods.insert(0, "full")  # the reference every increase is measured against
-    if "dynts" in methods and not args.predictor:
-        raise ValueError("--methods includes dynts: give the trained head with --predictor")
+    check_predictor(methods, args.predictor)
     files = text_files(args.texts)
     if llm is None:
         llm = LLM(

@@ -105,6 +105,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     """Run `thinfer dynts generalization`; returns the record (also written with its PNG).
     Every option is checked before the model is loaded or a trace labelled."""
     from thinfer.bench.report import model_short_name, write_result
+    from thinfer.compression.config import needs_predictor
     from thinfer.dynts import generalization as g
     from thinfer.dynts.corpus.problem import read_problems
     from thinfer.dynts.generalization_plot import markdown_table, plot_generalization
@@ -122,7 +123,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     plan = g.plan_budgets(held_out, fractions, args.window)
     g.check_cells(methods, plan, args)
     config = train_config(args)
-    dynts = "dynts" in methods
+    dynts = any(needs_predictor(m) for m in methods if m != "full")
 
     if llm is None:
         llm = LLM(

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from thinfer.bench.report import write_result  # noqa: E402
-from thinfer.compression.config import scoring_field  # noqa: E402
+from thinfer.compression.config import needs_predictor, scoring_field  # noqa: E402
 from thinfer.dynts.proxy import ANSWER_TOKENS, ProxyProblem, is_correct, make_problems  # noqa: E402
 from thinfer.dynts.traces import think_end_ids  # noqa: E402
 from thinfer.llm import LLM  # noqa: E402
@@ -31,12 +31,21 @@ def method_config(args: argparse.Namespace, method: str, marker: list[int]) -> d
     if method == "full":
         return None
     config: dict[str, Any] = {"method": method, "budget": args.budget, "trigger": args.trigger}
-    if args.trigger == "uniform" or method == "dynts":
+    if args.trigger == "uniform" or needs_predictor(method):
         config.update(window=args.window, ratio=args.ratio)
-    if method == "dynts":
+    if needs_predictor(method):
         config.update(predictor=args.predictor, think_end_token_ids=tuple(marker))
     config.update(scoring_field(method, getattr(args, "scoring", "per_head")))
     return config
+
+
+def check_predictor(methods: list[str], predictor: str | None) -> None:
+    """ValueError when a method of `methods` scores with a DynTS head and none is given."""
+    wanting = [m for m in methods if m != "full" and needs_predictor(m)]
+    if wanting and not predictor:
+        raise ValueError(
+            f"--methods includes {', '.join(wanting)}: give the trained head with --predictor"
+        )
 
 
 def result_name(prefix: str, args: argparse.Namespace) -> str:
@@ -85,8 +94,7 @@ def run_method(llm: LLM, problems: list[ProxyProblem], config: dict | None) -> d
 def run_proxy_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate `args.methods` on `args.count` held-out problems; write JSON + PNG."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "dynts" in methods and not args.predictor:
-        raise ValueError("--methods includes dynts: give the trained head with --predictor")
+    check_predictor(methods, args.predictor)
     llm = LLM(model=args.model, max_num_seqs=args.count, num_kv_blocks=args.num_kv_blocks)
     assert llm.tokenizer is not None
     marker = think_end_ids(llm.tokenizer)

@@ -181,9 +181,9 @@ class CompressionStage:
                     hidden_rows[comp.method.batch_key()].append((row, comp))
             row += item.samples
         groups = [  # shared decisions are the driver's: other ranks need no scores
-            rows
+            kept
             for rows in hidden_rows.values()
-            if self.exchange.is_driver or rows[0][1].config.per_head
+            if (kept := [r for r in rows if self.exchange.is_driver or r[1].config.per_head])
         ]
         if self.deterministic:  # one row per call: the predictor sees one shape only
             groups = [[row] for rows in groups for row in rows]

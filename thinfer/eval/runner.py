@@ -16,7 +16,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thinfer.compression.config import CompressionConfig, all_method_names, scoring_field
+from thinfer.compression.config import (
+    CompressionConfig,
+    all_method_names,
+    needs_predictor,
+    scoring_field,
+)
 from thinfer.eval.dataset import Problem, load_problems
 from thinfer.eval.generation import generate_with_peaks
 from thinfer.eval.scoring import Grader, score_method
@@ -56,7 +61,7 @@ def compression_for(
     }
     if args.window is not None:
         config["window"] = args.window
-    if method == "dynts":
+    if needs_predictor(method):
         config["predictor"] = args.predictor
         if think_end_ids:
             config["think_end_token_ids"] = list(think_end_ids)
@@ -67,16 +72,19 @@ def compression_for(
 def validate_args(args: argparse.Namespace) -> list[str]:
     """Check everything that does not need the model; return the methods."""
     if args.methods is None:
-        default = [m for m in all_method_names() if m != "dynts" or args.predictor]
+        default = [m for m in all_method_names() if args.predictor or not needs_predictor(m)]
         methods = parse_methods(",".join(default))
     else:
         methods = parse_methods(args.methods)
     if not isinstance(args.budget, int) or args.budget < 2:
         raise ValueError(f"--budget must be an integer >= 2, got {args.budget}")
     validate_sampling(args)
-    if "dynts" in methods:
+    wanting = [m for m in methods if needs_predictor(m)]
+    if wanting:
         if not args.predictor:
-            raise ValueError("--methods includes dynts, which needs --predictor head.safetensors")
+            raise ValueError(
+                f"--methods includes {', '.join(wanting)}, which needs --predictor head.safetensors"
+            )
         if not os.path.isfile(args.predictor):
             raise ValueError(f"--predictor: no such file {args.predictor}")
     for method in methods:
@@ -143,7 +151,8 @@ def render_prompts(problems: list[Problem], tokenizer: Tokenizer, chat: bool) ->
 
 
 def _warn_dynts_budget(args: argparse.Namespace, prompt_lens: list[int]) -> None:
-    """DynTS never evicts prompt tokens: with budget <= prompt + window nothing can go."""
+    """DynTS (and DynTS+H2O) never evicts prompt tokens: with budget <= prompt + window
+    nothing can go."""
     config = CompressionConfig(
         "dynts", budget=args.budget, window=args.window, predictor=args.predictor or "-"
     )
@@ -190,7 +199,7 @@ def run_eval(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, Any]
         raise ValueError("this model has no tokenizer; thinfer eval needs one")
     chat = resolve_chat(tokenizer, args.chat)
     think_end = tokenizer.encode(args.think_end, add_special_tokens=False)
-    if "dynts" in methods and not think_end:
+    if any(needs_predictor(m) for m in methods) and not think_end:
         raise ValueError(f"--think-end {args.think_end!r} encodes to no tokens")
     prompts = render_prompts(problems, tokenizer, chat)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -200,7 +209,7 @@ def run_eval(args: argparse.Namespace, llm: LLM | None = None) -> dict[str, Any]
             llm.engine.validate(len(prompts[longest]), params)
         except ValueError as e:
             raise ValueError(f"{method}, problem {problems[longest].id}: {e}") from e
-    if "dynts" in methods:
+    if any(needs_predictor(m) for m in methods):
         _warn_dynts_budget(args, [len(p) for p in prompts])
     grader = Grader(args.answer_pattern, args.timeout)
     results: dict[str, Any] = {}
