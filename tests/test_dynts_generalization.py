@@ -220,6 +220,7 @@ def test_json_png_and_table(run, capsys):
     assert (out / "results" / f"{name}.png").stat().st_size > 0
     assert written["methods"] == ["full", "window", "dynts"]
     assert written["budget_fractions"] == [SMALL, 1.0] and written["trigger"] == "uniform"
+    assert written["complete"] and written["held_out_families"] == list(FAMILIES)
     for family in FAMILIES:
         entry = written["families"][family]
         assert entry["traces"] == 1 and entry["mean_length"] > 0

@@ -140,36 +140,8 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
             if not g.features_of(features, lambda f, family=family: f != family)["traces"]:
                 raise ValueError(f"no labelled trace outside family {family!r} to train DynTS on")
 
-    record_families: dict[str, Any] = {}
-    for family in families:
-        head = g.make_head(features, family, config, args.work_dir) if features else None
-        if head is not None:
-            with open(head["path"] + ".json", "w", encoding="utf-8") as f:
-                json.dump(head["train_report"], f, indent=2)
-                f.write("\n")
-            print(
-                f"{family}: head without it trained on {head['train_report']['num_traces']} "
-                f"traces; top-20% overlap on {family} {_fmt(head['overlap_held_out'])}, "
-                f"on its validation split {_fmt(head['overlap_validation'])}"
-            )
-        problems_f = held_out[family]
-        cells = g.evaluate_family(
-            llm, problems_f, methods, plan[family], args, head and head["path"], marker
-        )
-        lengths = [len(p.trace.token_ids) for p in problems_f]
-        record_families[family] = {
-            "traces": len(problems_f),
-            "mean_length": sum(lengths) / len(lengths),
-            "head": None if head is None else _head_summary(head),
-            "budgets": {
-                str(fraction): {"fraction": fraction, "budget": budget, "methods": row}
-                for fraction, budget, row in zip(fractions, plan[family], cells)
-            },
-        }
-        for fraction, row in zip(fractions, cells):
-            summary = ", ".join(f"{m} {c['accuracy']:.2f}" for m, c in row.items())
-            print(f"{family} at {fraction}: accuracy {summary}")
-    record = {
+    run = {"config": config, "methods": methods, "fractions": fractions, "marker": marker}
+    record: dict[str, Any] = {
         "benchmark": "dynts_generalization",
         "model": llm.source,
         "corpus": {"path": args.corpus, "traces": len(problems), "families": list(groups)},
@@ -185,13 +157,63 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         "features": args.features,
         "label_skipped": None if features is None else features["skipped"],
         "training": {**asdict(config), "work_dir": args.work_dir},
-        "families": record_families,
+        "held_out_families": families,
+        "families": {},
+        "complete": False,
     }
     name = f"dynts_generalization_{model_short_name(llm)}_{args.scoring}"
-    json_path, png_path = write_result(name, record, plot_generalization(record), args.output_dir)
+    for family in families:
+        record["families"][family] = hold_out_family(
+            llm, family, held_out[family], plan[family], features, args, run
+        )
+        record["complete"] = len(record["families"]) == len(families)
+        json_path, png_path = write_result(  # after every family: a long run keeps its part
+            name, record, plot_generalization(record), args.output_dir
+        )
     print(markdown_table(record))
     print(f"wrote {json_path} and {png_path}")
     return record
+
+
+def hold_out_family(
+    llm: Any,
+    family: str,
+    problems: list[CorpusProblem],
+    budgets: Sequence[int],
+    features: dict[str, Any] | None,
+    args: argparse.Namespace,
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """One family held out: its head trained without it (when a method needs one; the report
+    saved beside the head), its problems replayed under every method at every budget; the
+    family's entry of the record. `run` holds config, methods, fractions and marker."""
+    from thinfer.dynts import generalization as g
+
+    head = g.make_head(features, family, run["config"], args.work_dir) if features else None
+    if head is not None:
+        with open(head["path"] + ".json", "w", encoding="utf-8") as f:
+            json.dump(head["train_report"], f, indent=2)
+            f.write("\n")
+        print(
+            f"{family}: head without it trained on {head['train_report']['num_traces']} "
+            f"traces; top-20% overlap on {family} {_fmt(head['overlap_held_out'])}, "
+            f"on its validation split {_fmt(head['overlap_validation'])}"
+        )
+    path = head and head["path"]
+    cells = g.evaluate_family(llm, problems, run["methods"], budgets, args, path, run["marker"])
+    for fraction, row in zip(run["fractions"], cells):
+        summary = ", ".join(f"{m} {c['accuracy']:.2f}" for m, c in row.items())
+        print(f"{family} at {fraction}: accuracy {summary}", flush=True)
+    lengths = [len(p.trace.token_ids) for p in problems]
+    return {
+        "traces": len(problems),
+        "mean_length": sum(lengths) / len(lengths),
+        "head": None if head is None else _head_summary(head),
+        "budgets": {
+            str(fraction): {"fraction": fraction, "budget": budget, "methods": row}
+            for fraction, budget, row in zip(run["fractions"], budgets, cells)
+        },
+    }
 
 
 def _fmt(value: float | None) -> str:
