@@ -252,6 +252,22 @@ def test_label_cache_is_reused_and_checked(run, llm, corpus, monkeypatch):
         g.label_corpus(llm, problems[:-1], marker, path)
 
 
+def test_a_run_that_stops_keeps_the_families_it_finished(llm, corpus, tmp_path, monkeypatch):
+    def evaluate(llm, problems, methods, budgets, *rest):
+        if problems[0].family == FAMILIES[1]:
+            raise KeyboardInterrupt  # the run is stopped during the second family
+        cell = {"accuracy": 1.0, "nll_after_budget": None, "mean_peak_kv": 1.0}
+        return [{m: dict(cell) for m in methods} for _ in budgets]
+
+    monkeypatch.setattr(g, "evaluate_family", evaluate)
+    args = arguments(corpus, tmp_path, methods="full,window")
+    with pytest.raises(KeyboardInterrupt):
+        run_generalization(args, llm)
+    name = "dynts_generalization_SmolLM2-135M-Instruct.Q4_1_per_head.json"
+    written = json.loads((tmp_path / "results" / name).read_text())
+    assert list(written["families"]) == [FAMILIES[0]] and written["complete"] is False
+
+
 def test_dynts_without_training_data_is_an_error(llm, corpus, tmp_path, monkeypatch):
     only_codes = fake_features(["codes-0"], hidden_size=576)
     only_codes.update(skipped={})
