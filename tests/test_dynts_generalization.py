@@ -155,7 +155,7 @@ def arguments(corpus: str, out, **overrides) -> argparse.Namespace:
         work_dir=str(out / "heads"), count=1, think_end="</think>", model=None,
         max_num_seqs=64, num_kv_blocks=2048, output_dir=str(out / "results"), epochs=1,
         lr=5e-4, batch_unit="traces", batch_size=None, val_fraction=0.1,
-        label_transform="auto", seed=0,
+        label_transform="auto", seed=0, resume=False,
     )  # fmt: skip
     for key, value in overrides.items():
         setattr(args, key, value)
@@ -252,10 +252,16 @@ def test_label_cache_is_reused_and_checked(run, llm, corpus, monkeypatch):
         g.label_corpus(llm, problems[:-1], marker, path)
 
 
-def test_a_run_that_stops_keeps_the_families_it_finished(llm, corpus, tmp_path, monkeypatch):
+def test_a_stopped_run_keeps_its_families_and_resumes(llm, corpus, tmp_path, monkeypatch):
+    """Stopped during the second family, the record holds the first (complete: false);
+    `--resume` measures only the second; other settings are refused."""
+    evaluated, stop = [], [True]
+
     def evaluate(llm, problems, methods, budgets, *rest):
-        if problems[0].family == FAMILIES[1]:
+        family = problems[0].family
+        if family == FAMILIES[1] and stop[0]:
             raise KeyboardInterrupt  # the run is stopped during the second family
+        evaluated.append(family)
         cell = {"accuracy": 1.0, "nll_after_budget": None, "mean_peak_kv": 1.0}
         return [{m: dict(cell) for m in methods} for _ in budgets]
 
@@ -263,9 +269,18 @@ def test_a_run_that_stops_keeps_the_families_it_finished(llm, corpus, tmp_path, 
     args = arguments(corpus, tmp_path, methods="full,window")
     with pytest.raises(KeyboardInterrupt):
         run_generalization(args, llm)
-    name = "dynts_generalization_SmolLM2-135M-Instruct.Q4_1_per_head.json"
-    written = json.loads((tmp_path / "results" / name).read_text())
+    path = tmp_path / "results" / "dynts_generalization_SmolLM2-135M-Instruct.Q4_1_per_head.json"
+    written = json.loads(path.read_text())
     assert list(written["families"]) == [FAMILIES[0]] and written["complete"] is False
+    stop[0] = False
+    resumed = arguments(corpus, tmp_path, methods="full,window", resume=True)
+    record = run_generalization(resumed, llm)
+    assert evaluated == [FAMILIES[0], FAMILIES[1]]  # the first family was not measured again
+    assert list(record["families"]) == list(FAMILIES) and record["complete"]
+    assert json.loads(path.read_text())["families"][FAMILIES[0]] == written["families"][FAMILIES[0]]
+    other = arguments(corpus, tmp_path, methods="full,window", resume=True, window=8)
+    with pytest.raises(ValueError, match="measured with other window"):
+        run_generalization(other, llm)
 
 
 def test_dynts_without_training_data_is_an_error(llm, corpus, tmp_path, monkeypatch):

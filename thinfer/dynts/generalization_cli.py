@@ -9,96 +9,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from thinfer.dynts.corpus.problem import CorpusProblem
 
+from thinfer.dynts.generalization_options import (
+    by_family,
+    check_methods,
+    file_sha256,
+    parse_fractions,
+    parse_names,
+    previous_families,
+    select_families,
+    train_config,
+)
+
 DEFAULT_METHODS = "full,window,streamingllm,sepllm,h2o,snapkv,rkv,dynts"
 DEFAULT_WORK_DIR = "tmp/dynts_generalization"
-
-
-def parse_names(text: str) -> list[str]:
-    """The comma-separated names of `text`, blanks dropped."""
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def parse_fractions(text: str) -> list[float]:
-    """Budget fractions of a comma-separated list; ValueError outside (0, 1] or repeated."""
-    try:
-        fractions = [float(x) for x in parse_names(text)]
-    except ValueError as e:
-        raise ValueError(f"--budgets must be comma-separated numbers, got {text!r}") from e
-    if not fractions:
-        raise ValueError("--budgets is empty")
-    bad = [f for f in fractions if not 0 < f <= 1]
-    if bad:
-        raise ValueError(f"--budgets: fractions must be in (0, 1], got {bad[0]}")
-    if len(set(fractions)) != len(fractions):
-        raise ValueError(f"--budgets: a fraction is listed twice: {text}")
-    return fractions
-
-
-def check_methods(methods: Sequence[str]) -> list[str]:
-    """`methods` with `full` first (the reference); ValueError for an unknown or repeated one."""
-    from thinfer.compression.config import all_method_names
-
-    known = all_method_names()
-    unknown = [m for m in methods if m not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"--methods lists a method twice: {', '.join(methods)}")
-    return ["full"] + [m for m in methods if m != "full"]
-
-
-def by_family(problems: Sequence[CorpusProblem]) -> dict[str, list[CorpusProblem]]:
-    """The problems of each family, families and problems in file order."""
-    out: dict[str, list[CorpusProblem]] = {}
-    for problem in problems:
-        out.setdefault(problem.family, []).append(problem)
-    return out
-
-
-def select_families(
-    problems: Sequence[CorpusProblem], requested: Sequence[str] | None
-) -> list[str]:
-    """The families to hold out in turn (all of the corpus when None). ValueError when the
-    corpus has fewer than two families or a requested one is not in it."""
-    present = list(by_family(problems))
-    if len(present) < 2:
-        raise ValueError(
-            f"the corpus has {len(present)} famil{'y' if len(present) == 1 else 'ies'} "
-            f"({', '.join(present)}); leave-one-family-out needs at least two"
-        )
-    if requested is None:
-        return present
-    missing = [f for f in requested if f not in present]
-    if missing:
-        raise ValueError(f"family {', '.join(missing)} not in the corpus ({', '.join(present)})")
-    if not requested or len(set(requested)) != len(requested):
-        raise ValueError(f"--families must name distinct families, got {', '.join(requested)}")
-    return list(requested)
-
-
-def train_config(args: argparse.Namespace) -> Any:
-    """The `TrainConfig` of the training options (checked)."""
-    from thinfer.dynts.train import TrainConfig
-
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        batch_unit=args.batch_unit,
-        val_fraction=args.val_fraction,
-        label_transform=args.label_transform,
-        seed=args.seed,
-    )
-    config.check()
-    return config
 
 
 def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, Any]:
@@ -145,6 +79,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         "benchmark": "dynts_generalization",
         "model": llm.source,
         "corpus": {"path": args.corpus, "traces": len(problems), "families": list(groups)},
+        "corpus_sha256": file_sha256(args.corpus),
         "count": args.count,
         "budget_fractions": fractions,
         "window": args.window,
@@ -156,16 +91,30 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         "think_end": args.think_end,
         "features": args.features,
         "label_skipped": None if features is None else features["skipped"],
-        "training": {**asdict(config), "work_dir": args.work_dir},
+        "training": asdict(config),
+        "work_dir": args.work_dir,
         "held_out_families": families,
         "families": {},
         "complete": False,
     }
     name = f"dynts_generalization_{model_short_name(llm)}_{args.scoring}"
-    for family in families:
-        record["families"][family] = hold_out_family(
-            llm, family, held_out[family], plan[family], features, args, run
-        )
+    if args.resume:
+        done = previous_families(str(Path(args.output_dir) / f"{name}.json"), record)
+        record["families"].update(done)
+        print(f"resumed: {', '.join(done) or 'no family'} already measured")
+    pending = [f for f in families if f not in record["families"]]
+    for family in pending or [None]:  # with nothing pending, the record is rewritten once
+        if family is not None:
+            entry = hold_out_family(
+                llm, family, held_out[family], plan[family], features, args, run
+            )
+            entry.update(
+                measured_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+                command_line=shlex.join(sys.argv),
+            )
+            record["families"][family] = entry
+        measured = record["families"]
+        record["families"] = {f: measured[f] for f in families if f in measured}
         record["complete"] = len(record["families"]) == len(families)
         json_path, png_path = write_result(  # after every family: a long run keeps its part
             name, record, plot_generalization(record), args.output_dir
@@ -295,6 +244,12 @@ def add_generalization_command(commands: Any) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--output-dir", default="bench/results")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the families already in this run's JSON under --output-dir (measured with "
+        "the same settings, else an error) and measure only the others",
+    )
     t = p.add_argument_group("training (as `thinfer dynts train`)")
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--lr", type=float, default=d.lr)
