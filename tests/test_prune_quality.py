@@ -115,3 +115,30 @@ def test_removed_summary_of_uniform_and_per_layer_widths():
     text, detail = removed_summary({"shape": per_layer})
     assert text == "1 KV groups, 3 MLP channels in 2 layers"
     assert detail == {"layer_num_key_value_heads": [3, 2], "layer_intermediate_sizes": [9, 12]}
+
+
+def test_table_and_figure_mark_rows_that_were_not_timed():
+    from thinfer.bench.prune_quality_plot import markdown_table, plot_prune_quality
+
+    def row(method: str, timed: bool) -> dict:
+        r = {
+            "method": method, "ratio": 0.2, "removed": "x", "parameters": 8e7,
+            "parameters_fraction": 0.8, "ppl_pruned": 30.0, "ppl_healed": 20.0,
+            "proxy_accuracy_pruned": 0.1, "proxy_accuracy_healed": 0.2,
+            "prune_and_heal_seconds": 9.0,
+        }  # fmt: skip
+        if timed:
+            r.update(tokens_per_s=120.0, dense_tokens_per_s=100.0, speedup_vs_dense=1.2)
+        return r
+
+    data = {
+        "rows": [row("flap", False), row("mag-sp", True)], "model": "m", "heal_steps": 5,
+        "dense": {"parameters": 1e8, "ppl": 16.0, "proxy_accuracy": 0.6, "tokens_per_s": 100.0},
+        "device": "cpu", "decode": {"batch_size": 4, "max_tokens": 8}, "proxy": {"count": 4},
+    }  # fmt: skip
+    table = markdown_table(data)
+    assert "0.10 -> 0.20 | - | - | 9 |" in table and "| 120.0 | 1.20 | 9 |" in table
+    figure = plot_prune_quality(data)
+    speed = figure.axes[2]
+    assert [t.get_text() for t in speed.texts] == ["1.20x", "not\ntimed"]  # bar label, note
+    assert [round(p.get_height(), 2) for p in speed.patches] == [1.2]

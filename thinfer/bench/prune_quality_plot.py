@@ -45,9 +45,12 @@ def plot_prune_quality(data: dict[str, Any]) -> Figure:
         _title(fig, data)
         return fig
     speed = panels[2]
-    speedups = [r.get("speedup_vs_dense", 0.0) for r in rows]  # 0: speed phase not run yet
-    bars = speed.bar(xs, speedups, 2 * width, color="C0")
+    timed_xs = [x for x, r in zip(xs, rows) if "speedup_vs_dense" in r]
+    speedups = [rows[x]["speedup_vs_dense"] for x in timed_xs]
+    bars = speed.bar(timed_xs, speedups, 2 * width, color="C0")
     speed.bar_label(bars, fmt="%.2fx", fontsize=7)
+    for x in sorted(set(xs) - set(timed_xs)):  # rows of a run whose speed was not kept
+        speed.text(x, 0.05, "not\ntimed", ha="center", va="bottom", fontsize=7, color="grey")
     speed.axhline(1.0, color="k", linestyle="--", linewidth=1)
     dense_speed = dense["tokens_per_s"]
     speed.set_ylabel(
@@ -73,6 +76,11 @@ def _title(fig: Figure, data: dict[str, Any]) -> None:
     )
 
 
+def _number(value: float | None, spec: str) -> str:
+    """`value` formatted, or "-" for a row that was not timed."""
+    return "-" if value is None else format(value, spec)
+
+
 def markdown_table(data: dict[str, Any]) -> str:
     """The rows as a markdown table, the dense model first."""
     d = data["dense"]
@@ -81,14 +89,15 @@ def markdown_table(data: dict[str, Any]) -> str:
     lines = [head, "|" + "---|" * 9]
     lines.append(
         f"| dense | 0 | - | {d['parameters'] / 1e6:.1f}M (1.00) | {d['ppl']:.2f} | "
-        f"{d['proxy_accuracy']:.2f} | {d['tokens_per_s']:.1f} | 1.00 | - |"
+        f"{d['proxy_accuracy']:.2f} | {_number(d['tokens_per_s'], '.1f')} | 1.00 | - |"
     )
     for r in data["rows"]:
         lines.append(
             f"| {r['method']} | {r['ratio']:g} | {r['removed']} | {r['parameters'] / 1e6:.1f}M "
             f"({r['parameters_fraction']:.2f}) | {r['ppl_pruned']:.2f} -> {r['ppl_healed']:.2f} | "
             f"{r['proxy_accuracy_pruned']:.2f} -> {r['proxy_accuracy_healed']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_dense']:.2f} | "
+            f"{_number(r.get('tokens_per_s'), '.1f')} | "
+            f"{_number(r.get('speedup_vs_dense'), '.2f')} | "
             f"{r['prune_and_heal_seconds']:.0f} |"
         )
     return "\n".join(lines)
