@@ -26,7 +26,8 @@ def _argv(model: str, out, *extra: str) -> list[str]:
     argv = ["bench", "prune-quality", "--model", model, "--methods", "depth-ppl,mag-sp"]
     argv += ["--ratios", "0.5", "--heal-steps", "2", "--samples", "1", "--eval-samples", "1"]
     argv += ["--count", "4", "--facts", "1", "--steps", "2", "--batch-size", "2"]
-    argv += ["--max-tokens", "4", "--device", "cpu", "--threads", "1", "--output-dir", str(out)]
+    argv += ["--max-tokens", "4", "--speed-repeats", "2", "--device", "cpu", "--threads", "1"]
+    argv += ["--output-dir", str(out)]
     return argv + list(extra)
 
 
@@ -58,6 +59,9 @@ def test_prune_quality_rows(tiny, tmp_path, capsys, keep_threads):
         for key in ("proxy_accuracy_dense", "proxy_accuracy_pruned", "proxy_accuracy_healed"):
             assert 0.0 <= row[key] <= 1.0
         assert row["tokens_per_s"] > 0 and row["dense_tokens_per_s"] > 0
+        samples = row["speed_samples"]  # timed alternately, medians kept
+        assert len(samples["dense"]) == len(samples["pruned"]) == 2
+        assert row["tokens_per_s"] == pytest.approx(sum(samples["pruned"]) / 2)
         assert row["speedup_vs_dense"] == pytest.approx(
             row["tokens_per_s"] / row["dense_tokens_per_s"]
         )
@@ -81,6 +85,7 @@ def test_prune_quality_rows(tiny, tmp_path, capsys, keep_threads):
         ("--heal-steps", "0", "--heal-steps"),
         ("--batch-size", "-1", "--batch-size"),
         ("--max-tokens", "1", "--max-tokens"),
+        ("--speed-repeats", "0", "--speed-repeats"),
         ("--facts", "3", "--facts"),
     ],
 )

@@ -4,13 +4,11 @@ For each (method, ratio): one `run_prune` with `--heal-steps` LoRA steps, which 
 model before and after healing into a temporary directory. Measured per row: parameters;
 held-out perplexity of the dense, pruned and healed models (from the pruning report);
 accuracy on held-out proxy-task traces (`thinfer dynts proxy-eval`'s task with the full KV
-cache, no compression) of the dense, pruned and healed models. Then, once all rows are
-pruned, the speed phase: per row the dense model's decode tokens/s and right after it the
-healed model's (`time_thinfer`: a batch of copies of one real prompt, greedy, EOS ignored,
-prefill excluded, after a warm-up), so each ratio compares two measurements made back to
-back, not minutes apart while pruning shares the machine. The temporary checkpoints are
-deleted; the JSON + PNG are rewritten after every row ("complete" once the speed phase is
-done) and a markdown table of the rows is printed.
+cache) of the dense, pruned and healed models. Then, once all rows are pruned, the speed
+phase: per row the dense and the healed model's decode tokens/s (`time_thinfer`: copies of
+one real prompt, greedy, EOS ignored, prefill excluded, after a warm-up) timed alternately,
+medians kept. The JSON + PNG are rewritten after every row ("complete" once the speed phase
+is done) and a markdown table of the rows is printed.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +31,13 @@ from thinfer.bench.report import DEFAULT_OUTPUT_DIR, model_short_name, write_res
 
 if TYPE_CHECKING:
     from thinfer.dynts.proxy import ProxyProblem
+    from thinfer.llm import LLM
 
 DEFAULT_RATIOS = "0.2,0.35"
-_POSITIVE = ("heal_steps", "count", "batch_size", "samples", "eval_samples", "facts", "steps")
+_POSITIVE = (
+    "heal_steps", "count", "batch_size", "samples", "eval_samples", "facts", "steps",
+    "speed_repeats",
+)  # fmt: skip
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -80,44 +83,46 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[float]]:
     return methods, ratios
 
 
-def measure(
-    model: str | None,
-    args: argparse.Namespace,
-    problems: list[ProxyProblem] | None,
-    speed: bool,
-    proxy: bool = True,
-) -> dict[str, Any]:
-    """Load `model` once (`--load-format` for the dense model, "auto" for the pruned ones):
-    proxy accuracy (full KV cache) on `problems` (None: make them with its tokenizer; returned
-    under "problems"; skipped if not `proxy`) and, if `speed`, decode tokens/s."""
-    from thinfer.bench.hf_peer import llm_device
-    from thinfer.dynts.proxy import ANSWER_TOKENS, make_problems
-    from thinfer.dynts.proxy_eval import run_method
+def load(model: str | None, args: argparse.Namespace, dense: bool) -> LLM:
+    """The model with a small idle KV cache (`--load-format` for the dense model, "auto" for
+    the pruned checkpoints); ValueError without a tokenizer (the proxy task needs one)."""
     from thinfer.llm import LLM
 
     llm = LLM(
-        model, load_format=args.load_format if problems is None else "auto", device=args.device,
+        model, load_format=args.load_format if dense else "auto", device=args.device,
         num_kv_blocks=IDLE_KV_BLOCKS, max_num_seqs=1,
     )  # fmt: skip
     if llm.tokenizer is None:
         raise ValueError(f"{llm.source} has no tokenizer: the proxy task needs one")
-    result: dict[str, Any] = {"source": llm.source, "short_name": model_short_name(llm)}
-    if proxy:
-        if problems is None:
-            kwargs = dict(num_facts=args.facts, num_steps=args.steps)
-            problems = make_problems(llm.tokenizer, args.count, args.seed, **kwargs)
-        longest = max(len(p.trace.prompt_token_ids) + p.answer_prefix_end for p in problems)
-        resize_kv_cache(llm, len(problems), longest + ANSWER_TOKENS)  # all replayed at once
-        graded = run_method(llm, problems, None)
-        result.update(proxy_accuracy=graded["accuracy"], problems=problems)
-    if speed:
-        prompt = llm.tokenizer.encode(bench_prompts(1)[0])
-        timing = time_thinfer(llm, [list(prompt) for _ in range(args.batch_size)], args.max_tokens)
-        result.update(tokens_per_s=timing.tokens_per_s, prompt_tokens=len(prompt))
+    return llm
+
+
+def release(llm: LLM) -> None:
+    """Close `llm` and give its device memory back."""
+    from thinfer.bench.hf_peer import llm_device
+
     device = llm_device(llm)
     llm.close()
-    del llm
     free_device_memory(device)
+
+
+def measure(
+    model: str | None, args: argparse.Namespace, problems: list[ProxyProblem] | None
+) -> dict[str, Any]:
+    """Proxy accuracy (full KV cache) of `model` on `problems` (None: the dense model, whose
+    tokenizer makes them; returned under "problems")."""
+    from thinfer.dynts.proxy import ANSWER_TOKENS, make_problems
+    from thinfer.dynts.proxy_eval import run_method
+
+    llm = load(model, args, dense=problems is None)
+    result: dict[str, Any] = {"source": llm.source, "short_name": model_short_name(llm)}
+    if problems is None:
+        kwargs = dict(num_facts=args.facts, num_steps=args.steps)
+        problems = make_problems(llm.tokenizer, args.count, args.seed, **kwargs)
+    longest = max(len(p.trace.prompt_token_ids) + p.answer_prefix_end for p in problems)
+    resize_kv_cache(llm, len(problems), longest + ANSWER_TOKENS)  # all replayed at once
+    result.update(proxy_accuracy=run_method(llm, problems, None)["accuracy"], problems=problems)
+    release(llm)
     return result
 
 
@@ -157,9 +162,9 @@ def prune_row(
     report = run_prune(
         healed_dir, method, heal_steps=args.heal_steps, unhealed_output=unhealed_dir, **common
     )
-    before = measure(unhealed_dir, args, problems, speed=False)
+    before = measure(unhealed_dir, args, problems)
     shutil.rmtree(unhealed_dir)
-    after = measure(healed_dir, args, problems, speed=False)
+    after = measure(healed_dir, args, problems)
     text, removed = removed_summary(report)
     params = report["pruned"]["parameters"]
     return {
@@ -184,20 +189,32 @@ def prune_row(
 
 
 def measure_speed(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[float]:
-    """The speed phase, after all pruning: per row, the dense model's decode tokens/s and
-    then the healed checkpoint's, back to back, so each ratio compares two measurements
-    made under the same load; fills each row's speed fields and returns the dense ones."""
+    """The speed phase, after all pruning: per row, the dense model's and the healed
+    checkpoint's decode tokens/s timed alternately `--speed-repeats` times (both loaded), so
+    each ratio compares measurements made under the same load; each row gets the medians
+    and the samples. Returns the dense medians."""
+    dense_llm = load(args.model, args, dense=True)
+    prompt = dense_llm.tokenizer.encode(bench_prompts(1)[0])
+    batch = [list(prompt) for _ in range(args.batch_size)]
     dense_speeds = []
     for row in rows:
         print(f"{row['method']} {row['ratio']}: decode speed against dense", flush=True)
-        dense = measure(args.model, args, None, speed=True, proxy=False)["tokens_per_s"]
-        ours = measure(row.pop("checkpoint"), args, None, speed=True, proxy=False)
+        pruned_llm = load(row.pop("checkpoint"), args, dense=False)
+        samples: dict[str, list[float]] = {"dense": [], "pruned": []}
+        for _ in range(args.speed_repeats):
+            for key, llm in (("dense", dense_llm), ("pruned", pruned_llm)):
+                samples[key].append(time_thinfer(llm, batch, args.max_tokens).tokens_per_s)
+        release(pruned_llm)
+        dense, ours = statistics.median(samples["dense"]), statistics.median(samples["pruned"])
         row.update(
-            tokens_per_s=ours["tokens_per_s"],
+            tokens_per_s=ours,
             dense_tokens_per_s=dense,
-            speedup_vs_dense=ours["tokens_per_s"] / dense,
+            speedup_vs_dense=ours / dense,
+            speed_samples=samples,
+            prompt_tokens=len(prompt),
         )
         dense_speeds.append(dense)
+    release(dense_llm)
     return dense_speeds
 
 
@@ -211,7 +228,7 @@ def run_prune_quality(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print("dense model: proxy accuracy", flush=True)
-    dense = measure(args.model, args, None, speed=False)
+    dense = measure(args.model, args, None)
     data: dict[str, Any] = {
         "benchmark": "prune_quality",
         "model": dense["source"],
@@ -224,9 +241,10 @@ def run_prune_quality(args: argparse.Namespace) -> dict[str, Any]:
         "proxy": {"count": args.count, "seed": args.seed, "facts": args.facts, "steps": args.steps},
         "decode": {"batch_size": args.batch_size, "max_tokens": args.max_tokens},
         "notes": "ppl: held-out perplexity (windows of 128 tokens); proxy accuracy: full KV "
-        "cache; tokens_per_s: decode of the healed model, prefill excluded, measured after "
-        "all pruning right after the dense model's (dense_tokens_per_s), whose median is "
-        "dense.tokens_per_s",
+        "cache; tokens_per_s: decode of the healed model, prefill excluded, after all "
+        "pruning: the median of speed_repeats timings alternating with the dense model's "
+        "(dense_tokens_per_s; the median over rows is dense.tokens_per_s)",
+        "speed_repeats": args.speed_repeats,
         "dense": None,
         "rows": [],
         "complete": False,
@@ -256,12 +274,10 @@ def add_parser(kinds: Any) -> None:
     pq = kinds.add_parser(
         "prune-quality",
         help="pruning results table: perplexity, proxy accuracy, speed per method x ratio",
-        description="For each --methods x --ratios: `thinfer prune` with LoRA healing, the "
-        "model saved before and after healing into a temporary directory; held-out "
-        "perplexity, proxy-task "
-        "accuracy (full KV cache) of the dense, pruned and healed models, and the healed "
-        "model's decode tokens/s against the dense model's in the same run. Writes JSON + "
-        "PNG and prints a markdown table.",
+        description="For each --methods x --ratios: `thinfer prune` with LoRA healing; held-out "
+        "perplexity and proxy-task accuracy (full KV cache) of the dense, pruned and healed "
+        "models, and the healed model's decode tokens/s against the dense model's in the same "
+        "run. Writes JSON + PNG and prints a markdown table.",
     )
     pq.add_argument("--model", default=None, help="HF dir or GGUF (default: embedded SmolLM2)")
     pq.add_argument("--load-format", default="auto", choices=["auto", "gguf", "safetensors"])
@@ -281,6 +297,10 @@ def add_parser(kinds: Any) -> None:
     pq.add_argument("--steps", type=int, default=30, help="steps per trace (default 30)")
     pq.add_argument("--batch-size", type=int, default=16, help="decode batch (default 16)")
     pq.add_argument("--max-tokens", type=int, default=64, help="greedy tokens each (default 64)")
+    pq.add_argument(
+        "--speed-repeats", type=int, default=3,
+        help="alternate dense/pruned decode timings per row; medians kept (default 3)",
+    )  # fmt: skip
     pq.add_argument("--device", default=None, help="thinfer's device (default: cuda if available)")
     pq.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     pq.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR))
