@@ -103,17 +103,10 @@ def add_label_command(commands: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from thinfer.dynts.train import TrainConfig, train_from_file
+    from thinfer.dynts.train import train_from_file
+    from thinfer.dynts.train_options import training_config
 
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        batch_unit=args.batch_unit,
-        val_fraction=args.val_fraction,
-        label_transform=args.label_transform,
-        seed=args.seed,
-    )
+    config = training_config(args)
     report = train_from_file(args.features, args.output, config, progress=True)
     final = report["final"]
     if final["val_mse"] is None:
@@ -133,10 +126,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def add_train_command(commands: Any) -> None:
     """`thinfer dynts train`: fit the importance head on a features file."""
-    from thinfer.dynts.train import TrainConfig
-    from thinfer.dynts.train_data import BATCH_UNITS, LABEL_TRANSFORMS, PUBLISHED_BATCH
+    from thinfer.dynts.train_options import add_training_options
 
-    d = TrainConfig()
     p = commands.add_parser(
         "train",
         help="train the DynTS importance head on cached features",
@@ -147,33 +138,7 @@ def add_train_command(commands: Any) -> None:
     )
     p.add_argument("--features", required=True, help="file written by `thinfer dynts label`")
     p.add_argument("--output", required=True, help="head to write (safetensors)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument(
-        "--batch-unit",
-        default=d.batch_unit,
-        choices=list(BATCH_UNITS),
-        help="what --batch-size counts: whole traces (all their thinking tokens in the loss; "
-        "the published recipe) or thinking tokens drawn from all traces",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"traces or tokens per optimizer step (default: {PUBLISHED_BATCH} tokens, or "
-        f"{PUBLISHED_BATCH} traces capped so an epoch has the published ~27 steps; "
-        "see docs/dynts.md)",
-    )
-    p.add_argument(
-        "--val-fraction", type=float, default=d.val_fraction, help="share of traces held out"
-    )
-    p.add_argument(
-        "--label-transform",
-        default=d.label_transform,
-        choices=list(LABEL_TRANSFORMS),
-        help="label rescale: llama (x1e4), qwen (10*y^0.3/0.3), none; auto: see docs/dynts.md",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_training_options(p)
     p.set_defaults(func=_train)
 
 

@@ -28,7 +28,6 @@ from thinfer.dynts.generalization_options import (
     parse_names,
     previous_families,
     select_families,
-    train_config,
 )
 
 DEFAULT_METHODS = "full,window,streamingllm,sepllm,h2o,snapkv,rkv,dynts"
@@ -44,6 +43,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     from thinfer.dynts.corpus.problem import read_problems
     from thinfer.dynts.generalization_plot import markdown_table, plot_generalization
     from thinfer.dynts.traces import think_end_ids
+    from thinfer.dynts.train_options import training_config
     from thinfer.llm import LLM
 
     problems = read_problems(args.corpus)
@@ -56,7 +56,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     held_out = {f: groups[f][: args.count] for f in families}
     plan = g.plan_budgets(held_out, fractions, args.window)
     g.check_cells(methods, plan, args)
-    config = train_config(args)
+    config = training_config(args)
     dynts = any(needs_predictor(m) for m in methods if m != "full")
 
     if llm is None:
@@ -193,10 +193,8 @@ def _generalization(args: argparse.Namespace) -> int:
 def add_generalization_command(commands: Any) -> None:
     """`thinfer dynts generalization`: each family held out in turn, DynTS against baselines."""
     from thinfer.dynts.traces import DEFAULT_THINK_END
-    from thinfer.dynts.train import TrainConfig
-    from thinfer.dynts.train_data import BATCH_UNITS, LABEL_TRANSFORMS
+    from thinfer.dynts.train_options import add_training_options
 
-    d = TrainConfig()
     p = commands.add_parser(
         "generalization",
         help="leave-one-family-out: DynTS heads trained without a family, judged on it",
@@ -250,12 +248,5 @@ def add_generalization_command(commands: Any) -> None:
         help="keep the families already in this run's JSON under --output-dir (measured with "
         "the same settings, else an error) and measure only the others",
     )
-    t = p.add_argument_group("training (as `thinfer dynts train`)")
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--batch-unit", default=d.batch_unit, choices=list(BATCH_UNITS))
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="default: auto")
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    t.add_argument("--label-transform", default=d.label_transform, choices=list(LABEL_TRANSFORMS))
-    t.add_argument("--seed", type=int, default=d.seed)
+    add_training_options(p.add_argument_group("training (as `thinfer dynts train`)"))
     p.set_defaults(func=_generalization)

@@ -3,7 +3,6 @@ resumed run takes over from the record of an earlier one."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -82,23 +81,6 @@ def select_families(
     if not requested or len(set(requested)) != len(requested):
         raise ValueError(f"--families must name distinct families, got {', '.join(requested)}")
     return list(requested)
-
-
-def train_config(args: argparse.Namespace) -> Any:
-    """The `TrainConfig` of the training options (checked)."""
-    from thinfer.dynts.train import TrainConfig
-
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        batch_unit=args.batch_unit,
-        val_fraction=args.val_fraction,
-        label_transform=args.label_transform,
-        seed=args.seed,
-    )
-    config.check()
-    return config
 
 
 def file_sha256(path: str) -> str:
