@@ -27,12 +27,11 @@ from thinfer.compression.predictor import load_predictor, save_predictor
 from thinfer.dynts.corpus.problem import CorpusProblem
 from thinfer.dynts.feature_file import load_features, save_features
 from thinfer.dynts.label import label_traces
-from thinfer.dynts.proxy import ANSWER_TOKENS, is_correct
-from thinfer.dynts.proxy_eval import method_config
+from thinfer.dynts.proxy import is_correct
+from thinfer.dynts.proxy_eval import method_config, replay_params
 from thinfer.dynts.train import TrainConfig, predict, top_overlap, train_predictor
 from thinfer.dynts.train_data import resolve_transform, transform_labels
 from thinfer.llm import LLM
-from thinfer.sampling_params import SamplingParams
 
 HEAD_NAME = "head_without_{}.safetensors"
 
@@ -233,14 +232,7 @@ def replay_cells(
     owner: dict[str, tuple[str, int]] = {}
     for key, config in configs.items():
         for i, p in enumerate(problems):
-            forced = p.trace.completion_token_ids[: p.answer_prefix_end]
-            params = SamplingParams(
-                max_tokens=len(forced) + ANSWER_TOKENS,
-                temperature=0.0,
-                ignore_eos=True,
-                forced_tokens=forced,
-                kv_compression=config,
-            )
+            params = replay_params(p, config)
             owner[engine.add_request(p.trace.prompt_token_ids, params, f"{key}/{i}")] = (key, i)
     out: dict[str, dict[str, list]] = {
         key: {name: [None] * len(problems) for name in ("correct", "peak_kv", "logprobs")}

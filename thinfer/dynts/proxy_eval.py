@@ -54,19 +54,25 @@ def result_name(prefix: str, args: argparse.Namespace) -> str:
     return f"{prefix}_{args.trigger}_b{args.budget}{shared}"
 
 
+def replay_params(problem: ProxyProblem, config: dict | None) -> SamplingParams:
+    """The request that grades `problem` under `config`: its completion forced up to the
+    answer prefix, then ANSWER_TOKENS greedy tokens (EOS ignored)."""
+    forced = problem.trace.completion_token_ids[: problem.answer_prefix_end]
+    return SamplingParams(
+        max_tokens=len(forced) + ANSWER_TOKENS,
+        temperature=0.0,
+        ignore_eos=True,
+        forced_tokens=forced,
+        kv_compression=config,
+    )
+
+
 def run_method(llm: LLM, problems: list[ProxyProblem], config: dict | None) -> dict[str, Any]:
     """Replay every problem under `config`; accuracy, peak KV lengths and time."""
     engine = llm.engine
     ids = {}
     for i, p in enumerate(problems):
-        forced = p.trace.completion_token_ids[: p.answer_prefix_end]
-        params = SamplingParams(
-            max_tokens=len(forced) + ANSWER_TOKENS,
-            temperature=0.0,
-            ignore_eos=True,
-            forced_tokens=forced,
-            kv_compression=config,
-        )
+        params = replay_params(p, config)
         ids[engine.add_request(p.trace.prompt_token_ids, params, request_id=f"p{i}")] = i
     texts: dict[int, str] = {}
     peak: dict[int, int] = {}
