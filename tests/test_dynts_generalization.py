@@ -155,7 +155,7 @@ def arguments(corpus: str, out, **overrides) -> argparse.Namespace:
         work_dir=str(out / "heads"), count=1, think_end="</think>", model=None,
         max_num_seqs=64, num_kv_blocks=2048, output_dir=str(out / "results"), epochs=1,
         lr=5e-4, batch_unit="traces", batch_size=None, val_fraction=0.1,
-        label_transform="auto", seed=0, resume=False,
+        label_transform="auto", seed=0, resume=False, heads_only=False,
     )  # fmt: skip
     for key, value in overrides.items():
         setattr(args, key, value)
@@ -281,6 +281,26 @@ def test_a_stopped_run_keeps_its_families_and_resumes(llm, corpus, tmp_path, mon
     other = arguments(corpus, tmp_path, methods="full,window", resume=True, window=8)
     with pytest.raises(ValueError, match="measured with other window"):
         run_generalization(other, llm)
+
+
+def test_heads_only_judges_each_head_on_its_unseen_family(llm, corpus, tmp_path, monkeypatch):
+    ids = [f"{family}-{i}" for family in FAMILIES for i in range(3)]
+    features = fake_features(ids, hidden_size=llm.model_config.hidden_size)
+    features.update(skipped={})
+    monkeypatch.setattr(g, "label_corpus", lambda *args: features)
+    monkeypatch.setattr(g, "evaluate_family", lambda *a: pytest.fail("replayed"))
+    trained = []
+    real = g.train_predictor
+    monkeypatch.setattr(g, "train_predictor", lambda f, c: trained.append(f) or real(f, c))
+    record = run_generalization(arguments(corpus, tmp_path, heads_only=True), llm)
+    assert list(record["families"]) == list(FAMILIES)
+    for family, train in zip(FAMILIES, trained, strict=True):
+        assert {g.entry_family(e, train) for e in train["traces"]} == set(FAMILIES) - {family}
+        entry = record["families"][family]
+        assert 0 <= entry["overlap_held_out"] <= 1 and entry["held_out_traces"] == 3
+    name = f"dynts_head_overlap_SmolLM2-135M-Instruct.Q4_1_{record['recipe']}.json"
+    written = json.loads((tmp_path / "results" / name).read_text())
+    assert written["recipe"] == "qwen_traces_e1_lr0.0005_seed0"
 
 
 def test_dynts_without_training_data_is_an_error(llm, corpus, tmp_path, monkeypatch):

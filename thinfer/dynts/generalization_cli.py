@@ -57,7 +57,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     plan = g.plan_budgets(held_out, fractions, args.window)
     g.check_cells(methods, plan, args)
     config = training_config(args)
-    dynts = any(needs_predictor(m) for m in methods if m != "full")
+    dynts = args.heads_only or any(needs_predictor(m) for m in methods if m != "full")
 
     if llm is None:
         llm = LLM(
@@ -73,6 +73,10 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         for family in families:  # every head has data, before the first one is trained
             if not g.features_of(features, lambda f, family=family: f != family)["traces"]:
                 raise ValueError(f"no labelled trace outside family {family!r} to train DynTS on")
+    if args.heads_only:
+        from thinfer.dynts.generalization_heads import run_heads_only
+
+        return run_heads_only(args, llm, features, families, config)
 
     run = {"config": config, "methods": methods, "fractions": fractions, "marker": marker}
     record: dict[str, Any] = {
@@ -242,6 +246,12 @@ def add_generalization_command(commands: Any) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--output-dir", default="bench/results")
+    p.add_argument(
+        "--heads-only",
+        action="store_true",
+        help="train and judge the heads by top-20%% overlap only, no replays (minutes: to "
+        "compare training recipes); writes dynts_head_overlap_<model>_<recipe>",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
