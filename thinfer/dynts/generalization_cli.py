@@ -57,7 +57,7 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     plan = g.plan_budgets(held_out, fractions, args.window)
     g.check_cells(methods, plan, args)
     config = training_config(args)
-    dynts = args.heads_only or any(needs_predictor(m) for m in methods if m != "full")
+    dynts = args.heads_only or any(needs_predictor(m) for m in methods)
 
     if llm is None:
         llm = LLM(
@@ -141,6 +141,7 @@ def hold_out_family(
     saved beside the head), its problems replayed under every method at every budget; the
     family's entry of the record. `run` holds config, methods, fractions and marker."""
     from thinfer.dynts import generalization as g
+    from thinfer.dynts.generalization_heads import head_summary
 
     head = g.make_head(features, family, run["config"], args.work_dir) if features else None
     if head is not None:
@@ -161,7 +162,7 @@ def hold_out_family(
     return {
         "traces": len(problems),
         "mean_length": sum(lengths) / len(lengths),
-        "head": None if head is None else _head_summary(head),
+        "head": None if head is None else head_summary(head),
         "budgets": {
             str(fraction): {"fraction": fraction, "budget": budget, "methods": row}
             for fraction, budget, row in zip(run["fractions"], budgets, cells)
@@ -171,22 +172,6 @@ def hold_out_family(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _head_summary(head: dict[str, Any]) -> dict[str, Any]:
-    report = head["train_report"]
-    return {
-        "path": head["path"],
-        "overlap_held_out": head["overlap_held_out"],
-        "overlap_validation": head["overlap_validation"],
-        "held_out_traces": head["held_out_traces"],
-        "train_traces": report["num_train_traces"],
-        "val_traces": report["num_val_traces"],
-        "train_tokens": report["num_train_tokens"],
-        "optimizer_steps": report["optimizer_steps"],
-        "label_transform": report["label_transform"],
-        "val_trace_ids": report["val_trace_ids"],
-    }
 
 
 def _generalization(args: argparse.Namespace) -> int:

@@ -32,6 +32,24 @@ def recipe_name(config: TrainConfig, transform: str) -> str:
     return f"{transform}_{unit}_e{config.epochs}_lr{config.lr:g}_seed{config.seed}"
 
 
+def head_summary(head: dict[str, Any]) -> dict[str, Any]:
+    """What the record keeps of a head made by `make_head`: its path, overlaps and the size
+    of its training."""
+    report = head["train_report"]
+    return {
+        "path": head["path"],
+        "overlap_held_out": head["overlap_held_out"],
+        "overlap_validation": head["overlap_validation"],
+        "held_out_traces": head["held_out_traces"],
+        "train_traces": report["num_train_traces"],
+        "val_traces": report["num_val_traces"],
+        "train_tokens": report["num_train_tokens"],
+        "optimizer_steps": report["optimizer_steps"],
+        "label_transform": report["label_transform"],
+        "val_trace_ids": report["val_trace_ids"],
+    }
+
+
 def head_overlaps(
     features: dict[str, Any], families: Sequence[str], config: TrainConfig, work_dir: str
 ) -> dict[str, Any]:
@@ -41,15 +59,7 @@ def head_overlaps(
     out = {}
     for family in families:
         head = g.make_head(features, family, config, work_dir)
-        report = head["train_report"]
-        out[family] = {
-            "overlap_held_out": head["overlap_held_out"],
-            "overlap_validation": head["overlap_validation"],
-            "held_out_traces": head["held_out_traces"],
-            "train_traces": report["num_train_traces"],
-            "optimizer_steps": report["optimizer_steps"],
-            "path": head["path"],
-        }
+        out[family] = head_summary(head)
         print(
             f"{family}: overlap on it {head['overlap_held_out']:.3f}, "
             f"on the validation split {head['overlap_validation']:.3f}",

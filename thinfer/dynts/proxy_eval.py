@@ -41,7 +41,7 @@ def method_config(args: argparse.Namespace, method: str, marker: list[int]) -> d
 
 def check_predictor(methods: list[str], predictor: str | None) -> None:
     """ValueError when a method of `methods` scores with a DynTS head and none is given."""
-    wanting = [m for m in methods if m != "full" and needs_predictor(m)]
+    wanting = [m for m in methods if needs_predictor(m)]
     if wanting and not predictor:
         raise ValueError(
             f"--methods includes {', '.join(wanting)}: give the trained head with --predictor"
