@@ -215,7 +215,9 @@ def test_a_budget_above_every_request_keeps_every_method_at_full(run):
 
 def test_json_png_and_table(run, capsys):
     record, _, out = run
-    name = "dynts_generalization_SmolLM2-135M-Instruct.Q4_1_per_head"
+    # a run with DynTS heads is named by their recipe too; without them (resume test) not
+    assert record["recipe"] == "qwen_traces_e1_lr0.0005_seed0"
+    name = "dynts_generalization_SmolLM2-135M-Instruct.Q4_1_per_head_qwen_traces_e1_lr0.0005_seed0"
     written = json.loads((out / "results" / f"{name}.json").read_text())
     assert (out / "results" / f"{name}.png").stat().st_size > 0
     assert written["methods"] == ["full", "window", "dynts"]

@@ -102,6 +102,12 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         "complete": False,
     }
     name = f"dynts_generalization_{model_short_name(llm)}_{args.scoring}"
+    if features is not None:  # heads of another recipe are another record, side by side
+        from thinfer.dynts.generalization_heads import recipe_name
+        from thinfer.dynts.train_data import resolve_transform
+
+        record["recipe"] = recipe_name(config, resolve_transform(config.label_transform, features))
+        name += f"_{record['recipe']}"
     if args.resume:
         done = previous_families(str(Path(args.output_dir) / f"{name}.json"), record)
         record["families"].update(done)
