@@ -285,9 +285,26 @@ def test_a_stopped_run_keeps_its_families_and_resumes(llm, corpus, tmp_path, mon
         run_generalization(other, llm)
 
 
+def features_like(problems: list[CorpusProblem], hidden_size: int) -> dict:
+    """Fake features shaped like the problems' traces (random hidden states and labels)."""
+    features = fake_features([p.trace.id for p in problems], hidden_size)
+    gen = torch.Generator().manual_seed(1)
+    for entry, problem in zip(features["traces"], problems, strict=True):
+        total, start = len(problem.trace.token_ids), len(problem.trace.prompt_token_ids)
+        mask = torch.zeros(total, dtype=torch.bool)
+        mask[start : start + problem.answer_prefix_end - 3] = True
+        entry.update(
+            prompt_len=start,
+            answer_start=start + problem.answer_prefix_end,
+            hidden=torch.randn(total, hidden_size, generator=gen),
+            labels=torch.rand(total, generator=gen),
+            thinking_mask=mask,
+        )
+    return features
+
+
 def test_heads_only_judges_each_head_on_its_unseen_family(llm, corpus, tmp_path, monkeypatch):
-    ids = [f"{family}-{i}" for family in FAMILIES for i in range(3)]
-    features = fake_features(ids, hidden_size=llm.model_config.hidden_size)
+    features = features_like(read_problems(corpus), llm.model_config.hidden_size)
     features.update(skipped={})
     monkeypatch.setattr(g, "label_corpus", lambda *args: features)
     monkeypatch.setattr(g, "evaluate_family", lambda *a: pytest.fail("replayed"))
@@ -299,7 +316,11 @@ def test_heads_only_judges_each_head_on_its_unseen_family(llm, corpus, tmp_path,
     for family, train in zip(FAMILIES, trained, strict=True):
         assert {g.entry_family(e, train) for e in train["traces"]} == set(FAMILIES) - {family}
         entry = record["families"][family]
-        assert 0 <= entry["overlap_held_out"] <= 1 and entry["held_out_traces"] == 3
+        assert 0 <= entry["overlap_held_out"] <= 1 and entry["held_out_traces"] == 2
+        kept = entry["critical_kept"]  # the first --count (1) problem, at each budget
+        assert list(kept) == [str(SMALL), "1.0"] and kept[str(SMALL)]["problems"] == 1
+        assert all(0 <= kept[str(SMALL)][r] <= 1 for r in ("head", "labels", "recent"))
+        assert all(kept["1.0"][r] == 1.0 for r in ("head", "labels", "recent"))  # no eviction
     name = f"dynts_head_overlap_SmolLM2-135M-Instruct.Q4_1_{record['recipe']}.json"
     written = json.loads((tmp_path / "results" / name).read_text())
     assert written["recipe"] == "qwen_traces_e1_lr0.0005_seed0"

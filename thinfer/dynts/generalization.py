@@ -199,6 +199,7 @@ def make_head(
         "overlap_validation": report["final"]["val_top20_overlap"],
         "held_out_traces": len(unseen["traces"]),
         "train_report": report,
+        "module": head,  # for judging it further; not part of any record
     }
 
 

@@ -76,7 +76,8 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
     if args.heads_only:
         from thinfer.dynts.generalization_heads import run_heads_only
 
-        return run_heads_only(args, llm, features, families, config)
+        budgets = {f: {str(x): b for x, b in zip(fractions, plan[f])} for f in families}
+        return run_heads_only(args, llm, features, config, held_out, budgets)
 
     run = {"config": config, "methods": methods, "fractions": fractions, "marker": marker}
     record: dict[str, Any] = {

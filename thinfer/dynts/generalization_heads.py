@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from thinfer.dynts.corpus.problem import CorpusProblem  # noqa: E402
 from thinfer.dynts.train import TrainConfig  # noqa: E402
 
 
@@ -51,39 +52,66 @@ def head_summary(head: dict[str, Any]) -> dict[str, Any]:
 
 
 def head_overlaps(
-    features: dict[str, Any], families: Sequence[str], config: TrainConfig, work_dir: str
+    features: dict[str, Any],
+    held_out: dict[str, Sequence[CorpusProblem]],
+    budgets: dict[str, dict[str, int]],
+    config: TrainConfig,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Per held-out family: the head trained without it and its overlaps (`make_head`)."""
+    """Per held-out family: the head trained without it (`make_head`), its overlaps, and the
+    share of critical tokens each ranking keeps to the answer at each budget (`survival`)."""
     from thinfer.dynts import generalization as g
+    from thinfer.dynts.survival import family_critical_kept
 
     out = {}
-    for family in families:
-        head = g.make_head(features, family, config, work_dir)
+    for family, problems in held_out.items():
+        head = g.make_head(features, family, config, args.work_dir)
         out[family] = head_summary(head)
+        unseen = g.features_of(features, lambda f, family=family: f == family)
+        kept = family_critical_kept(
+            head["module"], unseen, problems, budgets[family], args.window, args.ratio
+        )
+        out[family]["critical_kept"] = kept
+        shares = ", ".join(
+            f"{key}: {_share(c['head'])} (labels {_share(c['labels'])})" for key, c in kept.items()
+        )
         print(
             f"{family}: overlap on it {head['overlap_held_out']:.3f}, "
-            f"on the validation split {head['overlap_validation']:.3f}",
+            f"on the validation split {head['overlap_validation']:.3f}; "
+            f"critical tokens kept {shares}",
             flush=True,
         )
     return out
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def overlap_table(record: dict[str, Any]) -> str:
-    """Markdown: one row per held-out family, and the mean."""
+    """Markdown: one row per held-out family, and the mean; then per budget fraction the
+    share of critical tokens kept to the answer by the head, the labels and recency."""
     rows = record["families"]
+    fractions = list(next(iter(rows.values()))["critical_kept"])
+    kept_heads = "".join(f" critical kept at {x}: head / labels / recent |" for x in fractions)
     lines = [
         f"recipe {record['recipe']}:",
         "",
-        "| held-out family | top-20% overlap on it | on the validation split | train traces |",
-        "|---|---|---|---|",
+        "| held-out family | top-20% overlap on it | on the validation split | train traces |"
+        + kept_heads,
+        "|---|---|---|---|" + "---|" * len(fractions),
     ]
     for family, r in rows.items():
+        kept = "".join(
+            f" {_share(c['head'])} / {_share(c['labels'])} / {_share(c['recent'])} |"
+            for c in r["critical_kept"].values()
+        )
         lines.append(
             f"| {family} | {r['overlap_held_out']:.3f} | {r['overlap_validation']:.3f} | "
-            f"{r['train_traces']} |"
+            f"{r['train_traces']} |{kept}"
         )
     mean = sum(r["overlap_held_out"] for r in rows.values()) / len(rows)
-    lines.append(f"| mean | {mean:.3f} | | |")
+    lines.append(f"| mean | {mean:.3f} | | |" + " |" * len(fractions))
     return "\n".join(lines)
 
 
@@ -112,10 +140,13 @@ def run_heads_only(
     args: argparse.Namespace,
     llm: Any,
     features: dict[str, Any],
-    families: Sequence[str],
     config: TrainConfig,
+    held_out: dict[str, Sequence[CorpusProblem]],
+    budgets: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
-    """Train and judge every held-out family's head; write JSON + PNG, print the table."""
+    """Train and judge every held-out family's head (`held_out`: the family's first
+    `--count` problems; `budgets`: its slots per budget fraction); write JSON + PNG, print
+    the table."""
     from dataclasses import asdict
 
     from thinfer.bench.report import model_short_name, write_result
@@ -129,7 +160,19 @@ def run_heads_only(
         "corpus": {"path": args.corpus, "sha256": file_sha256(args.corpus)},
         "recipe": recipe,
         "training": asdict(config),
-        "families": head_overlaps(features, families, config, args.work_dir),
+        "critical_kept": {
+            "what": "mean share of critical-span tokens cached when the graded answer starts, "
+            "the uniform rule played offline (thinfer.dynts.survival)",
+            "window": args.window,
+            "ratio": args.ratio,
+            "count": args.count,
+            "rankings": {
+                "head": "the head trained without the family",
+                "labels": "the true labels (the answer's attention): any predictor's bound",
+                "recent": "position (a recent window with the prompt kept)",
+            },
+        },
+        "families": head_overlaps(features, held_out, budgets, config, args),
     }
     name = f"dynts_head_overlap_{model_short_name(llm)}_{recipe}"
     json_path, png_path = write_result(name, record, plot_overlaps(record), args.output_dir)
