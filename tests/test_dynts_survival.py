@@ -33,10 +33,11 @@ def test_the_rule_keeps_prompt_window_and_the_best_older_by_score():
         assert len(kept_positions(scores, 2, stop, budget=8, window=3, ratio=0.5)) < 8
 
 
-def test_ties_go_to_the_newer_token():
+def test_ties_go_to_the_older_token_as_in_the_engine():
     kept = kept_positions(torch.zeros(10), 0, 6, budget=6, window=2, ratio=0.5)
-    # at 6 slots keep 2 recent (4, 5) and 2 older of 0..3, all tied: the newer 2 and 3
-    assert {2, 3, 4, 5} <= kept and not {0, 1} & kept
+    # at 6 slots keep 2 recent (4, 5) and 2 older of 0..3, all tied: keep_mask evicts the
+    # newest tied first, so 0 and 1 stay
+    assert {0, 1, 4, 5} <= kept and not {2, 3} & kept
 
 
 def problem(prompt_len: int, completion_len: int, spans, answer_prefix_end: int) -> CorpusProblem:

@@ -26,7 +26,13 @@ def decide(config: CompressionConfig, ctx: RuleContext) -> tuple[int, int] | Non
     if config.trigger == "native":
         return config.params.native_rule(config, ctx)
     assert config.budget is not None
-    if ctx.kv_len < config.budget:
+    return uniform_rule(ctx.kv_len, config.budget, config.recent_window, config.ratio)
+
+
+def uniform_rule(kv_len: int, budget: int, window: int, ratio: float) -> tuple[int, int] | None:
+    """The uniform schedule's (recent, older) slots to keep for a cache of `kv_len` slots, or
+    None below `budget`."""
+    if kv_len < budget:
         return None
-    window = min(config.recent_window, ctx.kv_len)
-    return window, math.floor(config.ratio * (ctx.kv_len - window))
+    window = min(window, kv_len)
+    return window, math.floor(ratio * (kv_len - window))

@@ -73,11 +73,17 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         for family in families:  # every head has data, before the first one is trained
             if not g.features_of(features, lambda f, family=family: f != family)["traces"]:
                 raise ValueError(f"no labelled trace outside family {family!r} to train DynTS on")
+    recipe = None
+    if features is not None:  # heads of another recipe are another record, side by side
+        from thinfer.dynts.generalization_heads import recipe_name
+        from thinfer.dynts.train_data import resolve_transform
+
+        recipe = recipe_name(config, resolve_transform(config.label_transform, features))
     if args.heads_only:
         from thinfer.dynts.generalization_heads import run_heads_only
 
         budgets = {f: {str(x): b for x, b in zip(fractions, plan[f])} for f in families}
-        return run_heads_only(args, llm, features, config, held_out, budgets)
+        return run_heads_only(args, llm, features, config, recipe, held_out, budgets)
 
     run = {"config": config, "methods": methods, "fractions": fractions, "marker": marker}
     record: dict[str, Any] = {
@@ -103,12 +109,9 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         "complete": False,
     }
     name = f"dynts_generalization_{model_short_name(llm)}_{args.scoring}"
-    if features is not None:  # heads of another recipe are another record, side by side
-        from thinfer.dynts.generalization_heads import recipe_name
-        from thinfer.dynts.train_data import resolve_transform
-
-        record["recipe"] = recipe_name(config, resolve_transform(config.label_transform, features))
-        name += f"_{record['recipe']}"
+    if recipe is not None:
+        record["recipe"] = recipe
+        name += f"_{recipe}"
     if args.resume:
         done = previous_families(str(Path(args.output_dir) / f"{name}.json"), record)
         record["families"].update(done)

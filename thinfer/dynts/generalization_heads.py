@@ -141,19 +141,18 @@ def run_heads_only(
     llm: Any,
     features: dict[str, Any],
     config: TrainConfig,
+    recipe: str,
     held_out: dict[str, Sequence[CorpusProblem]],
     budgets: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
-    """Train and judge every held-out family's head (`held_out`: the family's first
-    `--count` problems; `budgets`: its slots per budget fraction); write JSON + PNG, print
-    the table."""
+    """Train and judge every held-out family's head (`recipe`: `recipe_name` of `config`;
+    `held_out`: the family's first `--count` problems; `budgets`: its slots per budget
+    fraction); write JSON + PNG, print the table."""
     from dataclasses import asdict
 
     from thinfer.bench.report import model_short_name, write_result
     from thinfer.dynts.generalization_options import file_sha256
-    from thinfer.dynts.train_data import resolve_transform
 
-    recipe = recipe_name(config, resolve_transform(config.label_transform, features))
     record = {
         "benchmark": "dynts_head_overlap",
         "model": llm.source,
@@ -168,7 +167,7 @@ def run_heads_only(
             "count": args.count,
             "rankings": {
                 "head": "the head trained without the family",
-                "labels": "the true labels (the answer's attention): any predictor's bound",
+                "labels": "the true labels (the answer's attention): what a perfect head keeps",
                 "recent": "position (a recent window with the prompt kept)",
             },
         },

@@ -4,12 +4,13 @@ A replay says whether the answer came out right; this says why not. For one labe
 trace and one score per token, `kept_positions` plays the uniform rule of
 `thinfer.compression.schedule` over the trace without running the model: the prompt is in the
 cache, each completion token joins it, and whenever the cache holds `budget` slots it keeps the
-`window` newest plus the top floor(ratio * (L - window)) older ones by score (ties to the
-newer), until the graded answer is about to be generated. The prompt, `</think>` and the
-answer tokens score +inf, as DynTS gives them. `critical_kept` is the share of the trace's
+`window` newest plus the top floor(ratio * (L - window)) older ones by score, with the
+engine's own rules (`uniform_rule`, `keep_mask`: ties go to the older token), until the graded
+answer is about to be generated. The prompt, `</think>` and the answer tokens score +inf, as
+DynTS gives them. `critical_kept` is the share of the trace's
 critical-span tokens (the lines that state the facts) still cached then.
 
-Ranking by the true labels (the answer's own attention, known only after the fact) is the
+Ranking by the true labels (the answer's own attention, known only after the fact) keeps
 what a perfect importance head would keep at that budget; ranking by position (newest first)
 is a recent window with the prompt kept. A head between the two is as good as its ranking of
 the few tokens the answer needs, which the top-20% overlap only hints at.
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from thinfer.compression.compaction import keep_mask
+from thinfer.compression.schedule import uniform_rule
 from thinfer.dynts.corpus.problem import CorpusProblem
 
 RANKINGS = ("head", "labels", "recent")
@@ -31,22 +34,19 @@ def kept_positions(
     scores: torch.Tensor, prompt_len: int, stop: int, budget: int, window: int, ratio: float
 ) -> set[int]:
     """Positions cached when position `stop` is about to be written, under the uniform rule
-    with `scores[p]` ranking position p (the prompt is never evicted)."""
+    (`schedule.uniform_rule`) and the engine's keep rule (`compaction.keep_mask`) with
+    `scores[p]` ranking position p (the prompt is never evicted)."""
     if not 0 <= window < budget:
         raise ValueError(f"window must be in [0, budget={budget}), got {window}")
-    priority = scores.double().clone()
-    priority[:prompt_len] = math.inf
-    cache = list(range(min(prompt_len, stop)))
+    cache = torch.arange(min(prompt_len, stop))
     for position in range(prompt_len, stop):
-        cache.append(position)
-        if len(cache) < budget:
-            continue
-        older, recent = cache[: len(cache) - window], cache[len(cache) - window :]
-        keep = math.floor(ratio * (len(cache) - window))
-        # stable sort by (priority, position) descending: ties go to the newer token
-        ranked = sorted(older, key=lambda p: (priority[p].item(), p), reverse=True)[:keep]
-        cache = sorted(ranked) + recent
-    return set(cache)
+        cache = torch.cat([cache, torch.tensor([position])])
+        rule = uniform_rule(cache.numel(), budget, window, ratio)
+        if rule is not None:
+            recent, older = rule
+            protected = cache < prompt_len
+            cache = cache[keep_mask(scores[cache].double(), cache, protected, recent, older)]
+    return set(cache.tolist())
 
 
 def critical_kept(
