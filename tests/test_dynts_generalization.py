@@ -256,7 +256,8 @@ def test_label_cache_is_reused_and_checked(run, llm, corpus, monkeypatch):
 
 def test_a_stopped_run_keeps_its_families_and_resumes(llm, corpus, tmp_path, monkeypatch):
     """Stopped during the second family, the record holds the first (complete: false);
-    `--resume` measures only the second; other settings are refused."""
+    `--resume` measures only the second, also when it is named alone in `--families` (the
+    first stays in the record); other settings are refused."""
     evaluated, stop = [], [True]
 
     def evaluate(llm, problems, methods, budgets, *rest):
@@ -275,10 +276,11 @@ def test_a_stopped_run_keeps_its_families_and_resumes(llm, corpus, tmp_path, mon
     written = json.loads(path.read_text())
     assert list(written["families"]) == [FAMILIES[0]] and written["complete"] is False
     stop[0] = False
-    resumed = arguments(corpus, tmp_path, methods="full,window", resume=True)
+    resumed = arguments(corpus, tmp_path, methods="full,window", resume=True, families=FAMILIES[1])
     record = run_generalization(resumed, llm)
     assert evaluated == [FAMILIES[0], FAMILIES[1]]  # the first family was not measured again
     assert list(record["families"]) == list(FAMILIES) and record["complete"]
+    assert record["held_out_families"] == list(FAMILIES)
     assert json.loads(path.read_text())["families"][FAMILIES[0]] == written["families"][FAMILIES[0]]
     other = arguments(corpus, tmp_path, methods="full,window", resume=True, window=8)
     with pytest.raises(ValueError, match="measured with other window"):

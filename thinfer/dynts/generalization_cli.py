@@ -113,10 +113,12 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
         record["recipe"] = recipe
         name += f"_{recipe}"
     if args.resume:
-        done = previous_families(str(Path(args.output_dir) / f"{name}.json"), record)
+        done, held_before = previous_families(str(Path(args.output_dir) / f"{name}.json"), record)
         record["families"].update(done)
+        record["held_out_families"] = held_before + [f for f in families if f not in held_before]
         print(f"resumed: {', '.join(done) or 'no family'} already measured")
     pending = [f for f in families if f not in record["families"]]
+    every = record["held_out_families"]  # this run's families and those an earlier one held out
     for family in pending or [None]:  # with nothing pending, the record is rewritten once
         if family is not None:
             entry = hold_out_family(
@@ -128,8 +130,8 @@ def run_generalization(args: argparse.Namespace, llm: Any = None) -> dict[str, A
             )
             record["families"][family] = entry
         measured = record["families"]
-        record["families"] = {f: measured[f] for f in families if f in measured}
-        record["complete"] = len(record["families"]) == len(families)
+        record["families"] = {f: measured[f] for f in every if f in measured}
+        record["complete"] = len(record["families"]) == len(every)
         json_path, png_path = write_result(  # after every family: a long run keeps its part
             name, record, plot_generalization(record), args.output_dir
         )

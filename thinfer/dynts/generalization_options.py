@@ -92,11 +92,13 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def previous_families(path: str, record: dict[str, Any]) -> dict[str, Any]:
-    """The families an earlier run already wrote to `path` ({} when there is no file), for
-    `--resume`; ValueError naming the fields when that run used other settings."""
+def previous_families(path: str, record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """For `--resume`: the families an earlier run already wrote to `path`, every one of them
+    (a run over other `--families` adds to the record, it never drops what is in it), and the
+    families that run held out, in its order; ({}, []) when there is no file. ValueError
+    naming the fields when that run used other settings."""
     if not os.path.exists(path):
-        return {}
+        return {}, []
     try:
         with open(path, encoding="utf-8") as f:
             earlier = json.load(f)
@@ -109,6 +111,6 @@ def previous_families(path: str, record: dict[str, Any]) -> dict[str, Any]:
             f"--resume: {path} was measured with other {', '.join(differ)}; "
             "give another --output-dir or the same options"
         )
-    return {
-        f: v for f, v in earlier.get("families", {}).items() if f in record["held_out_families"]
-    }
+    measured = earlier.get("families", {})
+    held_out = list(earlier.get("held_out_families", []))
+    return measured, held_out + [f for f in measured if f not in held_out]
