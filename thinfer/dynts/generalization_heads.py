@@ -22,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from thinfer.dynts.corpus.problem import CorpusProblem  # noqa: E402
+from thinfer.dynts.generalization_plot import fmt_optional  # noqa: E402
+from thinfer.dynts.survival import RANKINGS  # noqa: E402
 from thinfer.dynts.train import TrainConfig  # noqa: E402
 
 
@@ -73,7 +75,8 @@ def head_overlaps(
         )
         out[family]["critical_kept"] = kept
         shares = ", ".join(
-            f"{key}: {_share(c['head'])} (labels {_share(c['labels'])})" for key, c in kept.items()
+            f"{key}: {fmt_optional(c['head'], 2)} (labels {fmt_optional(c['labels'], 2)})"
+            for key, c in kept.items()
         )
         print(
             f"{family}: overlap on it {head['overlap_held_out']:.3f}, "
@@ -82,10 +85,6 @@ def head_overlaps(
             flush=True,
         )
     return out
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def overlap_table(record: dict[str, Any]) -> str:
@@ -103,7 +102,7 @@ def overlap_table(record: dict[str, Any]) -> str:
     ]
     for family, r in rows.items():
         kept = "".join(
-            f" {_share(c['head'])} / {_share(c['labels'])} / {_share(c['recent'])} |"
+            " " + " / ".join(fmt_optional(c[ranking], 2) for ranking in RANKINGS) + " |"
             for c in r["critical_kept"].values()
         )
         lines.append(

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def fmt_optional(value: float | None, digits: int) -> str:
+    """`value` with `digits` decimals, or "-" for a cell with no value."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -32,9 +33,9 @@ def markdown_table(record: dict[str, Any]) -> str:
         for family, entry in families.items():
             cell = entry["budgets"][str(fraction)]
             head = entry["head"]
-            overlap = _fmt(head and head["overlap_held_out"], 3)
+            overlap = fmt_optional(head and head["overlap_held_out"], 3)
             values = [
-                f"{c['accuracy']:.3f} / {_fmt(c['nll_after_budget'], 3)}"
+                f"{c['accuracy']:.3f} / {fmt_optional(c['nll_after_budget'], 3)}"
                 for c in (cell["methods"][m] for m in methods)
             ]
             lines.append(
