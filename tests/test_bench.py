@@ -168,7 +168,11 @@ def test_bench_determinism(tmp_path):
     assert row["default"] > 0 and row["ratio"] == pytest.approx(
         row["deterministic"] / row["default"]
     )
-    assert data["distinct"]["deterministic"] == {"distinct_completions": 1, "distinct_logprobs": 1}
+    assert data["distinct"]["deterministic"] == {
+        "runs": 3,
+        "distinct_completions": 1,
+        "distinct_logprobs": 1,
+    }
     assert data["runs"] == 3
 
 

@@ -14,6 +14,7 @@ when an engine is built (`thinfer.engine.factory.build_engine`).
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,12 @@ def measure_throughput(base: LLM, args: argparse.Namespace, batch: int) -> dict[
 
 def count_distinct(base: LLM, args: argparse.Namespace, flag: bool) -> dict[str, int]:
     """Distinct completions and logprob sequences of one prompt over `args.runs` runs with
-    random batch mates (the same draws in both modes: seeded by `args.seed`)."""
+    random batch mates (the same draws in both modes: seeded by `args.seed`), or over the
+    runs done in `args.runs_budget_s / 2` seconds when that is set (then `runs` says how
+    many)."""
+    deadline = math.inf if args.runs_budget_s is None else args.runs_budget_s / 2
+    started = time.perf_counter()
+    done = 0
     draw = random.Random(args.seed)
     *pool, target = _prompts(base, 25)
     greedy = SamplingParams(
@@ -72,7 +78,8 @@ def count_distinct(base: LLM, args: argparse.Namespace, flag: bool) -> dict[str,
     llm = _engine(base, flag, args, args.max_mates + 1)
     completions: set[tuple[int, ...]] = set()  # the target is the last benchmark prompt
     logprobs: set[tuple[float, ...]] = set()
-    for _ in range(args.runs):
+    while done < args.runs and time.perf_counter() - started < deadline:
+        done += 1
         mates = draw.sample(pool, draw.randint(0, args.max_mates))
         place = draw.randint(0, len(mates))
         prompts = mates[:place] + [target] + mates[place:]
@@ -84,7 +91,11 @@ def count_distinct(base: LLM, args: argparse.Namespace, flag: bool) -> dict[str,
         out = llm.generate(prompts, params)[place].outputs[0]
         completions.add(tuple(out.token_ids))
         logprobs.add(tuple(next(iter(step.values())) for step in out.logprobs or []))
-    return {"distinct_completions": len(completions), "distinct_logprobs": len(logprobs)}
+    return {
+        "runs": done,
+        "distinct_completions": len(completions),
+        "distinct_logprobs": len(logprobs),
+    }
 
 
 def run_determinism(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,30 +110,33 @@ def run_determinism(args: argparse.Namespace) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
     base = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device)
-    throughput = {str(b): measure_throughput(base, args, b) for b in sizes}
-    for row in throughput.values():
-        row["ratio"] = row["deterministic"] / row["default"]
-    runs = {mode: count_distinct(base, args, flag) for mode, flag in MODES.items()}
-    data = {
+    data: dict[str, Any] = {
         "benchmark": "determinism",
         "model": base.source,
         "device": str(next(base.engine.model.parameters()).device),
         "output_len": args.output_len,
-        "throughput_tokens_per_s": throughput,
+        "throughput_tokens_per_s": {},
         "runs": args.runs,
+        "runs_budget_s": args.runs_budget_s,
         "completion_len": args.completion_len,
         "max_mates": args.max_mates,
-        "distinct": runs,
+        "distinct": {},
     }
-    for batch, row in throughput.items():
+    name = f"determinism_{model_short_name(base)}_{data['device'].split(':')[0]}"
+    for batch in sizes:  # the record is rewritten after every part: a cut run keeps the rest
+        row = measure_throughput(base, args, batch)
+        row["ratio"] = row["deterministic"] / row["default"]
+        data["throughput_tokens_per_s"][str(batch)] = row
         print(
             f"batch {batch}: default {row['default']:.1f} tok/s, deterministic "
-            f"{row['deterministic']:.1f} tok/s ({row['ratio']:.2f}x)"
+            f"{row['deterministic']:.1f} tok/s ({row['ratio']:.2f}x)",
+            flush=True,
         )
-    for mode, counts in runs.items():
-        print(f"{mode}: {counts} over {args.runs} runs")
-    name = f"determinism_{model_short_name(base)}_{data['device'].split(':')[0]}"
-    json_path, png_path = write_result(name, data, _plot(data), args.output_dir)
+        write_result(name, data, _plot(data), args.output_dir)
+    for mode, flag in MODES.items():
+        counts = data["distinct"][mode] = count_distinct(base, args, flag)
+        print(f"{mode}: {counts}", flush=True)
+        json_path, png_path = write_result(name, data, _plot(data), args.output_dir)
     print(f"wrote {json_path} and {png_path}")
     return data
 
@@ -146,7 +160,8 @@ def _plot(data: dict[str, Any]) -> Figure:
         values = [data["distinct"][m][key] for m in modes]
         ax.bar([i + offset for i in range(len(modes))], values, width=0.4, label=key)
     ax.set_xticks(range(len(modes)), modes)
-    ax.set_ylabel(f"distinct over {data['runs']} runs")
+    runs = sorted({data["distinct"][m]["runs"] for m in modes})
+    ax.set_ylabel(f"distinct over {'/'.join(map(str, runs))} runs")
     ax.legend(fontsize=8)
     fig.suptitle(f"Deterministic mode: {data['model'].split('/')[-1]} ({data['device']})")
     return fig
@@ -168,6 +183,12 @@ def add_parser(kinds: Any) -> None:
     det.add_argument("--batch-sizes", default="1,16,64")
     det.add_argument("--output-len", type=int, default=64, help="new tokens per prompt")
     det.add_argument("--runs", type=int, default=50, help="runs of the one prompt (GPU: 1000)")
+    det.add_argument(
+        "--runs-budget-s",
+        type=float,
+        default=None,
+        help="stop the runs after this many seconds (half per mode; default: all --runs)",
+    )
     det.add_argument("--completion-len", type=int, default=64)
     det.add_argument("--max-mates", type=int, default=7, help="most batch mates in a run")
     det.add_argument("--num-kv-blocks", type=int, default=2048)

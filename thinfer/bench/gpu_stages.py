@@ -16,6 +16,8 @@ from typing import Any
 # Test files whose tests run on the GPU when there is one (kernels against their torch
 # references, CUDA graphs, the fused model, the GPU benchmarks at real shapes).
 GPU_TEST_FILES = (
+    "tests/test_invariant_matmul.py",
+    "tests/test_invariant_tiles.py",
     "tests/test_kernels_attention.py",
     "tests/test_kernels_fused.py",
     "tests/test_fused_model.py",
@@ -24,7 +26,6 @@ GPU_TEST_FILES = (
     "tests/test_attention_plans.py",
     "tests/test_bench_gpu_path.py",
     "tests/test_flat_gemm.py",
-    "tests/test_invariant_matmul.py",
 )
 
 
@@ -91,7 +92,8 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
         curve = ["--batch-size", "8", "--steps", "1536", "--budget", "512", "--window", "128"]
         gemm = ["--model", "llama-2-7b", "--m", "1,2,4,8,16,32,64"]
         matmul = []
-        determinism = ["--batch-sizes", "1,16,64", "--runs", "200", "--completion-len", "128"]
+        determinism = ["--batch-sizes", "1,16,64", "--runs", "1000", "--runs-budget-s", "90"]
+        determinism += ["--completion-len", "32"]
         tests = []
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *tests]
     return [
@@ -149,11 +151,11 @@ def build_stages(out: str, dry_run: bool) -> list[Stage]:
             30,
             "with_table/bandwidth_*.json",
         ),
-        Stage("matmul", _bench("matmul", out, *matmul), 120, 30, "matmul_*.json"),
+        Stage("matmul", _bench("matmul", out, *matmul), 150, 30, "matmul_*.json"),
         Stage(
             "determinism",
             _bench("determinism", out, *model, *determinism),
-            150,
+            200,
             60,
             "determinism_*.json",
         ),

@@ -8,9 +8,13 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-STYLES = {"invariant": "o-", "default": "s--", "mkl": "^:"}
+STYLES = {"invariant": "o-", "invariant_tuned": "D-", "default": "s--", "mkl": "^:"}
 LABELS = {
-    "cuda": {"invariant": "batch-invariant (Triton)", "default": "default (cuBLAS)"},
+    "cuda": {
+        "invariant": "batch-invariant (Triton, fixed tiles)",
+        "invariant_tuned": "batch-invariant (Triton, verified tiles by M)",
+        "default": "default (cuBLAS)",
+    },
     "cpu": {
         "invariant": "batch-invariant (tiled oneDNN)",
         "default": "default (oneDNN packed)",

@@ -16,14 +16,18 @@ that orders a row's reduction depends on M:
 - The K loop runs k = 0, BLOCK_K, 2 * BLOCK_K, ... in that order, one `tl.dot` per K tile
   accumulating into fp32; the bias is added to the fp32 sum, which is rounded once to x's
   dtype. `BLOCK_K` is fixed (`BLOCK_K` below).
-- The tile shape (`BLOCK_M`, `BLOCK_N`, `num_warps`) comes from `invariant_config`, a
-  function of N, K and the dtype only, never of M: `tl.dot` on a tile lowers to a sequence of
-  tensor-core instructions (mma / wgmma) whose operand layout, and so the order in which the
-  hardware adds a row's products inside one K tile, depends on BLOCK_M, BLOCK_N and the warp
-  count; choosing them from M (as an autotuner would) would reorder the sums. With them
-  fixed, a row is computed by the same instructions at the same place of its tile
-  (row i sits at i % BLOCK_M) whatever M is, and what the other rows of the tile hold (data
-  or masked zeros) never enters its sums.
+- The tiles (`BLOCK_M`, `BLOCK_N`, `BLOCK_K`, warps, stages) of a call never depend on M
+  alone. By default they come from `invariant_config`, a function of N, K and the dtype
+  only. A row's K products are summed in K-tile order into an fp32 accumulator, one
+  tensor-core instruction per 16 (bf16) columns of K in increasing order, whatever the tile
+  shape; whether the hardware's instructions for other tile shapes (mma.sync for 16-row
+  tiles, wgmma for 64 rows and more on Hopper) round a row's sums alike is a property of the
+  GPU, not of this code, so it is measured, never assumed: `thinfer.kernels.invariant_tiles`
+  runs every candidate tile shape on the same operands, keeps only those whose every output
+  is bitwise the output of the others, and only then lets the tiles change with M (a
+  registered `TilePlan`, per weight shape; the engine tunes one per linear shape at
+  start-up). Rows of a tile are independent: what the other rows of a tile hold (data or
+  masked zeros) never enters a row's sums.
 - M is not specialized on (`do_not_specialize`): Triton would otherwise compile other code
   for M == 1 or M % 16 == 0.
 
@@ -34,24 +38,78 @@ figure"). The CPU path is `thinfer.models.invariant_linear.tiled_linear`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-BLOCK_M = 64  # rows per tile, for every M (see the module docstring)
-BLOCK_K = 64  # K per tl.dot: fixed, the reduction order of every row
+BLOCK_M = 64  # rows per tile of the default tiles, for every M (see the module docstring)
+BLOCK_K = 64  # K per tl.dot of the default tiles
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def invariant_config(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for a weight [N, K] of `dtype`; M is not an
-    argument on purpose. Wide tiles only when N has enough of them to fill the GPU without
-    split-K (N >= 16384: lm_head, fused gate/up of large models); 64 columns otherwise."""
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of the kernel: a program computes `block_m` x `block_n`
+    outputs, reading K in `block_k` steps with `stages` of them in flight, on `warps` warps."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+    def label(self) -> str:
+        """ "64x64x64 w4 s3": block_m x block_n x block_k, warps, stages."""
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.warps} s{self.stages}"
+
+
+def invariant_config(n: int, k: int, dtype: torch.dtype) -> Tiles:
+    """The default tiles for a weight [N, K] of `dtype`; M is not an argument on purpose. Wide
+    tiles only when N has enough of them to fill the GPU without split-K (N >= 16384:
+    lm_head, fused gate/up of large models); 64 columns otherwise."""
     del k, dtype  # the same tiles for every K and dtype (kept in the signature for tuning)
     if n >= 16384:
-        return BLOCK_M, 128, BLOCK_K, 8
-    return BLOCK_M, 64, BLOCK_K, 4
+        return Tiles(BLOCK_M, 128, BLOCK_K, 8, 3)
+    return Tiles(BLOCK_M, 64, BLOCK_K, 4, 3)
+
+
+# Tile plans per (N, K, dtype, device): ((largest M, tiles), ...) in increasing M, every tiles
+# verified to give each output the same bits (`thinfer.kernels.invariant_tiles.tune_tiles`).
+_PLANS: dict[tuple[int, int, torch.dtype, str], tuple[tuple[int, Tiles], ...]] = {}
+
+
+def _plan_key(n: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return (n, k, dtype, str(device))
+
+
+def register_plan(weight: torch.Tensor, plan: tuple[tuple[int, Tiles], ...] | None) -> None:
+    """Use `plan` (M buckets in increasing order, each with its tiles; the last covers every
+    larger M) for every call with a weight of `weight`'s shape, dtype and device; None drops
+    it. The caller vouches that the plan's tiles give bitwise the same outputs."""
+    key = _plan_key(*weight.shape, weight.dtype, weight.device)
+    if plan is None:
+        _PLANS.pop(key, None)
+        return
+    if not plan or any(a[0] >= b[0] for a, b in zip(plan, plan[1:])):
+        raise ValueError(f"a tile plan needs M buckets in increasing order, got {plan}")
+    _PLANS[key] = plan
+
+
+def registered_plan(weight: torch.Tensor) -> tuple[tuple[int, Tiles], ...] | None:
+    """The plan registered for `weight`'s shape, dtype and device, or None."""
+    return _PLANS.get(_plan_key(*weight.shape, weight.dtype, weight.device))
+
+
+def tiles_for(weight: torch.Tensor, m: int) -> Tiles:
+    """The tiles a call of M rows with `weight` runs: the registered plan's bucket for M, or
+    the default `invariant_config`."""
+    plan = registered_plan(weight)
+    if plan is None:
+        return invariant_config(*weight.shape, weight.dtype)
+    return next((tiles for top, tiles in plan if m <= top), plan[-1][1])
 
 
 def invariant_linear_reference(
@@ -140,15 +198,16 @@ def invariant_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    num_stages: int = 3,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """y = x [M, K] @ weight [N, K]^T (+ bias), each row bitwise independent of M.
 
     fp32 accumulation in a fixed K order, rounded once to x's dtype (see the module
-    docstring); `num_stages` (software pipelining of the K loop) changes only the timing.
-    ValueError for operands that do not fit (shapes, dtypes, devices). Interpreted (CPU), bf16
-    tiles are widened to fp32 before `tl.dot`: Triton 3.9's interpreter gives wrong bf16
-    products there (measured: errors of 1e10 on unit-size data); on CUDA they are not.
+    docstring). `tiles`: this launch's configuration (default: `tiles_for(weight, M)`, the
+    registered plan or the default tiles). ValueError for operands that do not fit (shapes,
+    dtypes, devices). Interpreted (CPU), bf16 tiles are widened to fp32 before `tl.dot`:
+    Triton 3.9's interpreter gives wrong bf16 products there (measured: errors of 1e10 on
+    unit-size data); on CUDA they are not.
     """
     _check(x, weight, bias)
     m, k = x.shape
@@ -159,13 +218,14 @@ def invariant_linear(
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     x, weight = x.contiguous(), weight.contiguous()
-    block_m, block_n, block_k, num_warps = invariant_config(n, k, x.dtype)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    tiles = tiles_for(weight, m) if tiles is None else tiles
+    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n))
     _invariant_matmul_kernel[grid](
         x, weight, x if bias is None else bias.contiguous(), out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
-        ADD_BIAS=bias is not None, DOT_FP32=x.dtype == torch.bfloat16 and kernels_interpreted(),
-        num_warps=num_warps,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        NUM_STAGES=tiles.stages, ADD_BIAS=bias is not None,
+        DOT_FP32=x.dtype == torch.bfloat16 and kernels_interpreted(),
+        num_warps=tiles.warps,
     )  # fmt: skip
     return out

@@ -168,8 +168,9 @@ def quantize_linears(model: nn.Module, method: str) -> int:
 
 def set_batch_invariant(model: nn.Module, enabled: bool) -> dict[str, tuple[int, ...]]:
     """Run every `Linear` of `model` through the batch-invariant path (`enabled`), or back
-    through the fast ones. On CUDA that is the Triton kernel; on the CPU, row tiles of the
-    sizes `choose_tiles` verified for the weight's shape (once per process and shape).
+    through the fast ones. On CUDA that is the Triton kernel with the tile plan `tune_tiles`
+    verified and timed for the weight's shape; on the CPU, row tiles of the sizes
+    `choose_tiles` verified for it (either once per process and shape).
     Returns the tile sizes chosen per shape ("NxK": sizes; () for the Triton kernel).
     ValueError for quantized layers or a dataflow table (their kernels are not invariant)."""
     chosen: dict[str, tuple[int, ...]] = {}
@@ -198,6 +199,11 @@ _TILES_BY_SHAPE: dict[tuple[int, int, torch.dtype, bool], tuple[int, ...]] = {}
 def _invariant_tiles(module: Linear) -> tuple[int, ...]:
     weight = module.weight.detach()
     if weight.device.type == "cuda":
+        from thinfer.kernels.invariant_matmul import registered_plan
+        from thinfer.kernels.invariant_tiles import tune_tiles
+
+        if registered_plan(weight) is None:  # once per process and shape
+            tune_tiles(weight)
         return ()
     key = (*weight.shape, weight.dtype, module._packed is not None)
     if key not in _TILES_BY_SHAPE:
