@@ -253,6 +253,21 @@ def test_prune_width_shape_matches_depth_parameters():
     assert preset_variants(preset_config("llama-13b"), None)["depth"].num_hidden_layers == 29
 
 
+def test_prune_hf_peer_builds_width_variants_with_their_heads():
+    """A width variant drops whole heads (Llama-2-7B: 23 of 32 at hidden 4096, which
+    transformers' config refuses by itself): the HF peer gets the variant's real shape."""
+    from thinfer.bench.prune_variants import hf_from_config, param_count, preset_variants
+    from thinfer.loading.dummy import preset_config
+    from thinfer.loading.hf_config import hf_config
+
+    llama = hf_config(preset_variants(preset_config("llama-2-7b"), None)["width"])
+    assert (llama.hidden_size, llama.num_attention_heads, llama.head_dim) == (4096, 23, 128)
+    width = preset_variants(preset_config("tiny"), None)["width"]
+    peer = hf_from_config(width, torch.float32, torch.device("cpu"))
+    assert sum(p.numel() for p in peer.parameters()) == param_count(width)
+    assert peer(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, width.vocab_size)
+
+
 def test_prune_param_count_matches_the_model():
     from thinfer.bench.prune_variants import param_count, preset_variants
     from thinfer.loading.dummy import preset_config

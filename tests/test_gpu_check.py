@@ -31,6 +31,7 @@ def test_dry_run_writes_every_stage(tmp_path):
     assert correctness["triton_vs_reference"]["max_abs_diff"] < 0.05
     assert results["bandwidth"]["thinfer"]["mbu"] > 0
     assert results["profile"]["eager"]["wall_ms_per_token"] > 0
+    assert results["profile"]["deterministic"]["host_ops"][0]["calls_per_token"] > 0
     assert all("sweep_best" in r for r in results["decode_attention"]["results"])
     assert results["speedup"]["complete"] and results["decode_curve"]["summary"]
     assert len(results["gemm_dataflow"]["table"]["shapes"]) == 5

@@ -31,20 +31,14 @@ measured by `thinfer bench determinism`.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
-import torch.nn.functional as F
 
+from thinfer.attention.invariant_layout import KEY_SPLIT, PaddedGather, padded_length, step_layout
 from thinfer.attention.metadata import AttentionMetadata
 
-KEY_SPLIT = 128  # keys are padded to a multiple of this per row (the fixed split size)
+__all__ = ["KEY_SPLIT", "attend", "attend_chunk", "gather_padded", "paged_attention"]
+
 FIXED_POINT_BITS = 30  # column sums count probability in units of 2^-30
-
-
-def padded_length(context: int) -> int:
-    """Lp: `context` rounded up to a multiple of KEY_SPLIT."""
-    return -(-context // KEY_SPLIT) * KEY_SPLIT
 
 
 def paged_attention(
@@ -58,62 +52,42 @@ def paged_attention(
     independent of the batch (see the module docstring). Column sums, when `meta.capture`
     asks for them, are float64 fixed-point sums [Hkv, context]."""
     out = torch.empty_like(q)
+    layout = meta.plan(step_layout)  # built on the first layer's call, shared by the rest
     capture = meta.capture
-    first_counted: list[int | None] = [
-        capture.first_counted_slot(i) if capture and capture.wants_column_sums(i) else None
-        for i in range(meta.num_seqs)
-    ]
-    exclude_self = bool(capture and capture.exclude_self)
-    singles: dict[int, list[int]] = defaultdict(list)  # Lp -> one-row sequences
-    for i in range(meta.num_seqs):
-        start, count = meta.query_starts_list[i], meta.query_lens_list[i]
-        context = meta.context_lens_list[i]
-        if count == 1:
-            singles[padded_length(context)].append(i)
-            continue
-        keys = gather_padded(k_cache, meta.block_tables[i : i + 1], [context])
-        values = gather_padded(v_cache, meta.block_tables[i : i + 1], [context])
+    for chunk in layout.chunks:
         rows, sums = attend_chunk(
-            q[start : start + count], keys, values, context, scale, first_counted[i], exclude_self
+            q[chunk.start : chunk.start + chunk.count],
+            chunk.keys.gather(k_cache),
+            chunk.keys.gather(v_cache),
+            chunk.context,
+            scale,
+            chunk.first_counted,
+            layout.exclude_self,
         )
-        out[start : start + count] = rows
+        out[chunk.start : chunk.start + chunk.count] = rows
         if sums is not None:
-            capture.add_column_sums(i, sums)  # type: ignore[union-attr]
-    for seqs in singles.values():
-        contexts = [meta.context_lens_list[i] for i in seqs]
-        tables = meta.block_tables[seqs]
-        keys = gather_padded(k_cache, tables, contexts)
-        values = gather_padded(v_cache, tables, contexts)
-        starts = torch.tensor([meta.query_starts_list[i] for i in seqs], device=q.device)
-        lens = torch.tensor(contexts, device=q.device)
-        wanted = [first_counted[i] for i in seqs]
-        counted = None
-        if any(first is not None for first in wanted):
-            flags = [f is not None and n - 1 >= f for f, n in zip(wanted, contexts, strict=True)]
-            counted = torch.tensor(flags, device=q.device)
-        rows, units = attend(q[starts], keys, values, lens, scale, counted, exclude_self)
-        out[starts] = rows
-        for j, i in enumerate(seqs):
-            if first_counted[i] is not None:
-                capture.add_column_sums(i, units[j, :, : contexts[j]])  # type: ignore[union-attr]
+            capture.add_column_sums(chunk.index, sums)  # type: ignore[union-attr]
+    for group in layout.singles:
+        rows, units = attend(
+            q[group.starts],
+            group.keys.gather(k_cache),
+            group.keys.gather(v_cache),
+            group.lens,
+            scale,
+            group.counted,
+            layout.exclude_self,
+        )
+        out[group.starts] = rows
+        for j, i in enumerate(group.seqs):
+            if group.first_counted[j] is not None:
+                capture.add_column_sums(i, units[j, :, : group.contexts[j]])  # type: ignore[union-attr]
     return out
 
 
 def gather_padded(cache: torch.Tensor, tables: torch.Tensor, contexts: list[int]) -> torch.Tensor:
     """The first contexts[b] slots of each sequence b (block tables [B, n]) as [Hkv, B, Lp, D],
     zero from contexts[b] on, with Lp the longest padded length: a fresh contiguous tensor."""
-    block_size, num_kv_heads, head_dim = cache.shape[1], cache.shape[2], cache.shape[3]
-    width = padded_length(max(contexts))
-    num_blocks = -(-width // block_size)
-    if tables.shape[1] < num_blocks:  # the rest only pads, and is zeroed below
-        tables = F.pad(tables, (0, num_blocks - tables.shape[1]))
-    batch = tables.shape[0]
-    blocks = cache.index_select(0, tables[:, :num_blocks].reshape(-1))
-    slots = blocks.view(batch, num_blocks * block_size, num_kv_heads, head_dim)[:, :width]
-    lens = torch.tensor(contexts, device=cache.device)
-    stale = torch.arange(width, device=cache.device)[None, :] >= lens[:, None]
-    padded = slots.permute(2, 0, 1, 3).contiguous()
-    return padded.masked_fill_(stale[None, :, :, None], 0)
+    return PaddedGather.build(tables, contexts, cache.shape[1]).gather(cache)
 
 
 def attend_chunk(
@@ -134,14 +108,15 @@ def attend_chunk(
     own key with `exclude_self`)."""
     n = q.shape[0]
     lens = torch.arange(context - n + 1, context + 1, device=q.device)  # per row
+    first_len = context - n + 1  # lens[i] == first_len + i, known on the host (no sync)
     out = torch.empty_like(q)
     sums = None
     if first_counted_slot is not None:
         sums = torch.zeros(keys.shape[0], context, dtype=torch.float64, device=q.device)
     first = 0
     while first < n:
-        width = padded_length(int(lens[first]))
-        last = min(n, first + width - int(lens[first]) + 1)  # rows up to length `width`
+        width = padded_length(first_len + first)
+        last = min(n, first + width - (first_len + first) + 1)  # rows up to length `width`
         counted = None if sums is None else lens[first:last] - 1 >= first_counted_slot
         rows, units = attend(
             q[first:last], keys[:, :, :width], values[:, :, :width], lens[first:last], scale,

@@ -199,7 +199,8 @@ def probe_correctness(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
 
 
 def probe_profile(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
-    """Batch-1 decode of `model`'s dummy weights profiled with CUDA graphs on and off."""
+    """Batch-1 decode of `model`'s dummy weights profiled with CUDA graphs on and off, and in
+    the deterministic mode (its own kernels, no graphs)."""
     from thinfer import LLM
     from thinfer.bench.decode_timing import synthetic_prompts
     from thinfer.bench.step_profile import profile_decode
@@ -218,6 +219,8 @@ def probe_profile(dry_run: bool, model: str, steps: int) -> dict[str, Any]:
         )
         result[name] = profile_decode(llm, prompt, steps)
         del llm
+    llm = LLM(loaded, deterministic=True, num_kv_blocks=64, max_num_seqs=1)
+    result["deterministic"] = profile_decode(llm, prompt, steps)
     return result
 
 

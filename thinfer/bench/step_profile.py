@@ -1,5 +1,6 @@
 """Where a batch-1 decode step's time goes: wall time per token against the GPU kernels'
-time per token (torch.profiler), with and without CUDA graphs, and the kernels that take it.
+time per token (torch.profiler), with and without CUDA graphs and in the deterministic mode,
+the kernels that take it and the host-side ops (launches, copies, synchronizations).
 
 The gap between wall and kernel time is host overhead (scheduling, sampling, launches); the
 kernel table shows whether the weight GEMVs run near the copy bandwidth. A stage of
@@ -42,6 +43,22 @@ def _kernel_table(prof: Any, tokens: int) -> tuple[float, list[dict[str, Any]]]:
     return total / tokens, top
 
 
+def _host_table(prof: Any, tokens: int) -> list[dict[str, Any]]:
+    """The host-side events (torch ops, CUDA runtime calls such as launches, copies and
+    synchronizations) with the most self CPU time, per token."""
+    rows = [
+        {
+            "op": event.key[:120],
+            "self_cpu_us_per_token": event.self_cpu_time_total / tokens,
+            "calls_per_token": event.count / tokens,
+        }
+        for event in prof.key_averages()
+        if event.self_cpu_time_total > 0
+    ]
+    rows.sort(key=lambda row: row["self_cpu_us_per_token"], reverse=True)
+    return rows[:TOP_KERNELS]
+
+
 def profile_decode(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
     """Batch-1 greedy decode of `steps` tokens: wall ms per token (unprofiled), kernel ms per
     token and the top kernels (profiled run)."""
@@ -63,6 +80,7 @@ def profile_decode(llm: Any, prompt: list[int], steps: int) -> dict[str, Any]:
         _sync(device)
     kernel_us, top = _kernel_table(prof, steps)
     return {
+        "host_ops": _host_table(prof, steps),
         "steps": steps,
         "wall_ms_per_token": 1e3 * wall / steps,
         "kernel_ms_per_token": kernel_us / 1e3,

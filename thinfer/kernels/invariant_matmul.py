@@ -47,6 +47,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 BLOCK_M = 64  # rows per tile of the default tiles, for every M (see the module docstring)
 BLOCK_K = 64  # K per tl.dot of the default tiles
+GROUP_M = 8  # tile rows per group of the programs' walk over the output (L2 reuse only)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -138,11 +139,22 @@ def _invariant_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    GROUP_M: tl.constexpr,
     ADD_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Programs walk the output in groups of GROUP_M tile rows (column by column inside a
+    # group), so tiles running together share their weight columns in L2. The order of the
+    # programs never enters a sum.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
@@ -219,12 +231,12 @@ def invariant_linear(
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     x, weight = x.contiguous(), weight.contiguous()
     tiles = tiles_for(weight, m) if tiles is None else tiles
-    grid = (triton.cdiv(m, tiles.block_m), triton.cdiv(n, tiles.block_n))
+    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     _invariant_matmul_kernel[grid](
         x, weight, x if bias is None else bias.contiguous(), out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        NUM_STAGES=tiles.stages, ADD_BIAS=bias is not None,
+        NUM_STAGES=tiles.stages, GROUP_M=GROUP_M, ADD_BIAS=bias is not None,
         DOT_FP32=x.dtype == torch.bfloat16 and kernels_interpreted(),
         num_warps=tiles.warps,
     )  # fmt: skip

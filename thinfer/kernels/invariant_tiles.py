@@ -41,22 +41,31 @@ from thinfer.kernels.invariant_matmul import (
 
 PROBE_ROWS = 200
 # Largest M of each bucket; a call with more rows than the last takes the last bucket's tiles.
-BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
-# Narrow 16-row tiles with deep K steps for decode (the weights' bandwidth), wider ones for
-# mid M, the wide tiles of Triton's Hopper matmul tutorial for prefill.
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Narrow 16-row tiles with deep K steps for decode (the weights' bandwidth: many programs
+# for a small N), mid-size ones for M of a few hundred (enough programs without split-K),
+# the wide tiles of Triton's Hopper matmul tutorial for prefill. On an H200 all of them sum
+# every output bitwise alike (bench/results/matmul_cuda.json, "classes").
 CANDIDATES = (
+    Tiles(16, 16, 128, 2, 4),
     Tiles(16, 32, 128, 4, 4),
+    Tiles(16, 32, 256, 4, 3),
     Tiles(16, 64, 128, 4, 4),
     Tiles(16, 64, 64, 4, 5),
     Tiles(16, 128, 64, 4, 4),
+    Tiles(32, 32, 128, 4, 4),
     Tiles(32, 64, 64, 4, 4),
+    Tiles(64, 32, 128, 4, 4),
     Tiles(64, 64, 64, 4, 3),
     Tiles(64, 128, 64, 4, 4),
     Tiles(64, 256, 64, 8, 3),
     Tiles(128, 64, 64, 4, 4),
     Tiles(128, 128, 64, 4, 4),
     Tiles(128, 128, 64, 8, 3),
+    Tiles(128, 128, 128, 8, 3),
     Tiles(128, 256, 64, 8, 3),
+    Tiles(128, 256, 64, 8, 4),
+    Tiles(256, 128, 64, 8, 3),
 )
 _L2_FLUSH_BYTES = 256 << 20  # written between timed calls: more than any GPU's L2
 

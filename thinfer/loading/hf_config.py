@@ -35,9 +35,18 @@ def hf_config(cfg: ModelConfig) -> object:
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
     )
+    # transformers refuses a hidden size that is not a multiple of the head count, though
+    # its attention computes with head_dim alone (a width-pruned model drops whole heads):
+    # such a config is built with a head count that passes, then given the real one.
+    heads = (cfg.num_attention_heads, cfg.num_key_value_heads)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        common["num_attention_heads"] = common["num_key_value_heads"] = 1
     if "qwen2" in cfg.architecture.lower():
-        return Qwen2Config(**common)
-    return LlamaConfig(attention_bias=cfg.attention_bias, **common)
+        config = Qwen2Config(**common)
+    else:
+        config = LlamaConfig(attention_bias=cfg.attention_bias, **common)
+    config.num_attention_heads, config.num_key_value_heads = heads
+    return config
 
 
 def hf_model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype) -> Any:
