@@ -147,10 +147,15 @@ def test_every_compression_method_is_deterministic(
         assert outputs(alone, [prompts[index]], [sampling[index]])[0] == first[index]
 
 
-def test_attention_rows_do_not_depend_on_chunks_or_decode():
+@pytest.mark.parametrize("through_triton", [False, True])
+def test_attention_rows_do_not_depend_on_chunks_or_decode(through_triton, monkeypatch):
     """A prefill in one call, in chunks, or row by row as decodes (alone or batched with other
     sequences' decodes) gives each row the same bits, close to SDPA; fixed-point column sums
-    add up exactly in any split."""
+    add up exactly in any split. `through_triton`: the CUDA path (every head in one Triton
+    product), interpreted on the CPU."""
+    if through_triton:
+        pytest.importorskip("thinfer.kernels.invariant_matmul")
+        monkeypatch.setattr("thinfer.kernels.placement.TRITON_ON_CPU", True)
     torch.manual_seed(0)
     context, block = 296, 8
     cache_k = torch.randn(context // block, block, 3, 64)

@@ -145,6 +145,33 @@ def test_gpu_llama_2_7b_shapes_bf16(im, n, k):
         assert torch.equal(im.invariant_linear(x[:m], w), full[:m]), m
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bmm_matches_reference_and_ignores_its_batch(im, dtype):
+    """Attention's products on CUDA: logits against keys [B, N, K], the mix against values
+    read transposed (strides (N*K, 1, N)), a shared batch of 1 broadcast; each entry's bits
+    the same alone as in any batch."""
+    gen = torch.Generator().manual_seed(8)
+    a = torch.randn(6, 3, 80, generator=gen).to(dtype).to(DEVICE)
+    keys = torch.randn(6, 130, 80, generator=gen).to(dtype).to(DEVICE)
+    values = (
+        torch.randn(6, 80, 130, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)
+    )  # [B, N, K]
+    for b in (keys, keys[:1], values):  # values: a strided view, k-stride 130
+        full = im.invariant_bmm(a, b)
+        expected = torch.stack(
+            [im.invariant_linear_reference(a[i], b[min(i, b.shape[0] - 1)]) for i in range(6)]
+        )
+        _assert_close(full, expected, dtype)
+        for i in (0, 4):
+            alone = im.invariant_bmm(a[i : i + 1], b[i : i + 1] if b.shape[0] > 1 else b)
+            assert torch.equal(alone[0], full[i]), i
+        assert torch.equal(im.invariant_bmm(a[:2], b[:2] if b.shape[0] > 1 else b), full[:2])
+    with pytest.raises(ValueError, match="b's batch must be 1 or 6"):
+        im.invariant_bmm(a, keys[:2])
+    with pytest.raises(ValueError, match=r"expected a \[B, M, K\] and b \[B, N, K\]"):
+        im.invariant_bmm(a[0], keys)
+
+
 def test_bench_shapes_and_rows():
     from thinfer.bench.matmul import parse_shapes, powers_of_two
 

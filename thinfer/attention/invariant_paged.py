@@ -35,6 +35,7 @@ import torch
 
 from thinfer.attention.invariant_layout import KEY_SPLIT, PaddedGather, padded_length, step_layout
 from thinfer.attention.metadata import AttentionMetadata
+from thinfer.kernels.placement import runs_triton
 
 __all__ = ["KEY_SPLIT", "attend", "attend_chunk", "gather_padded", "paged_attention"]
 
@@ -153,6 +154,8 @@ def attend(
     stale = torch.arange(width, device=q.device)[None, :] >= lens[:, None]  # [R, Lp]
     kept = width if counted is not None else 0
     units = q.new_zeros(rows, num_kv_heads, kept, dtype=torch.float64)
+    if runs_triton(q):  # every row of every head in one call: the kernel ignores the batch
+        return _attend_all_heads(grouped, keys, values, stale, lens, scale, counted, exclude_self)
     if keys.shape[1] == rows and rows > 1:
         by_head = grouped.transpose(0, 1).reshape(num_kv_heads * rows, group, head_dim)
         flat_keys = keys.reshape(num_kv_heads * rows, width, head_dim)
@@ -170,6 +173,39 @@ def attend(
         if counted is not None:
             units[:, head] = _units(probs, lens, counted, exclude_self)
     return out.view(rows, num_heads, head_dim), units
+
+
+def _attend_all_heads(
+    grouped: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    stale: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    counted: torch.Tensor | None,
+    exclude_self: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` through the Triton kernel (CUDA): one product per KV head for rows sharing
+    keys (their query heads stacked, rows R x G), one per (KV head, row) for rows with keys
+    of their own. Each output element is one fixed-order dot product whatever sits beside
+    it in the call, so a row gets the bits it gets alone (tests/test_invariant_ops.py)."""
+    rows, num_kv_heads, group, head_dim = grouped.shape
+    width = keys.shape[2]
+    shared = keys.shape[1] == 1
+    batch = num_kv_heads if shared else num_kv_heads * rows
+    queries = grouped.transpose(0, 1).reshape(batch, -1, head_dim)
+    flat_keys = keys.reshape(batch, width, head_dim)
+    logits = row_logits(queries, flat_keys).mul_(scale)  # [batch, (R x) G, Lp]
+    logits = logits.view(num_kv_heads, rows, group, width)
+    probs = torch.softmax(logits.masked_fill_(stale[None, :, None, :], float("-inf")), dim=-1)
+    mixed = row_mix(probs.view(batch, -1, width), values.reshape(batch, width, head_dim))
+    out = mixed.view(num_kv_heads, rows, group, head_dim).transpose(0, 1)
+    kept = width if counted is not None else 0
+    units = grouped.new_zeros(rows, num_kv_heads, kept, dtype=torch.float64)
+    if counted is not None:
+        for head in range(num_kv_heads):
+            units[:, head] = _units(probs[head], lens, counted, exclude_self)
+    return out.reshape(rows, num_kv_heads * group, head_dim), units
 
 
 def _probs(
@@ -194,7 +230,12 @@ def _units(
 
 def row_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """queries [R, G, D] of one KV head against keys [B, Lp, D] (B == R or 1) -> [R, G, Lp],
-    each row's bits independent of R and of B (see the module docstring)."""
+    each row's bits independent of R and of B (see the module docstring). On CUDA through the
+    Triton batch-invariant kernel: cuBLAS picks its batched algorithm from the batch count."""
+    if runs_triton(queries):
+        from thinfer.kernels.invariant_matmul import invariant_bmm
+
+        return invariant_bmm(queries, keys)
     rows, _, head_dim = queries.shape
     if rows == 1:
         return torch.mm(queries[0], keys[0].t())[None]
@@ -204,7 +245,12 @@ def row_logits(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def row_mix(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """probs [R, G, Lp] over one KV head's values [B, Lp, D] (B == R or 1) -> [R, G, D]."""
+    """probs [R, G, Lp] over one KV head's values [B, Lp, D] (B == R or 1) -> [R, G, D] (on
+    CUDA through the Triton batch-invariant kernel, as `row_logits`)."""
+    if runs_triton(probs):
+        from thinfer.kernels.invariant_matmul import invariant_bmm
+
+        return invariant_bmm(probs, values.transpose(1, 2))
     return torch.bmm(probs, values.expand(probs.shape[0], *values.shape[1:]))
 
 

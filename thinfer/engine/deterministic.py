@@ -9,7 +9,8 @@ change with the batch is replaced by one that sees a single shape per row:
   the Triton kernel of `thinfer.kernels.invariant_matmul` on CUDA);
 - attention: `thinfer.attention.invariant_paged` (each row alone, keys padded to a fixed
   split, decode and prefill rows computed alike; fixed-point column sums);
-- SiLU: `thinfer.models.invariant_ops` (exact ops and `exp` only);
+- SiLU and RMSNorm: `thinfer.models.invariant_ops` (exact ops and `exp` only; one
+  fixed-size program per row);
 - sampling and the DynTS predictor: one row per call (`LLMEngine`, `CompressionStage`).
 
 The properties these rest on (a library matmul's rows do not depend on their place in a
@@ -25,7 +26,7 @@ from thinfer.attention.backend import INVARIANT_BACKEND, AttentionBackend
 from thinfer.attention.invariant_paged import check_bmm_rows
 from thinfer.config import EngineConfig
 from thinfer.models.fused import LayerOps
-from thinfer.models.invariant_ops import INVARIANT_OPS, check_exp_is_pointwise
+from thinfer.models.invariant_ops import INVARIANT_OPS, check_exp_is_pointwise, check_norm_rows
 from thinfer.models.linear import set_batch_invariant
 from thinfer.models.llama import LlamaForCausalLM
 
@@ -56,6 +57,7 @@ def make_batch_invariant(net: LlamaForCausalLM) -> tuple[AttentionBackend, Layer
     weight = next(net.parameters())
     cfg = net.config
     check_exp_is_pointwise(weight.device, torch.float32)
+    check_norm_rows(cfg.hidden_size, weight.dtype, weight.device)
     check_bmm_rows(
         cfg.head_dim,
         cfg.num_attention_heads // cfg.num_key_value_heads,

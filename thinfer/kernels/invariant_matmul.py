@@ -134,14 +134,18 @@ def _invariant_matmul_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_wk,
     stride_om,
+    stride_xb,
+    stride_wb,
+    stride_ob,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     GROUP_M: tl.constexpr,
     ADD_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     # Programs walk the output in groups of GROUP_M tile rows (column by column inside a
     # group), so tiles running together share their weight columns in L2. The order of the
@@ -158,21 +162,26 @@ def _invariant_matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    w_cols = w_ptr + cols[None, :].to(tl.int64) * stride_wn
+    batch = tl.program_id(1).to(tl.int64)  # bmm: one matrix product per batch entry
+    x_rows = x_ptr + batch * stride_xb + rows[:, None].to(tl.int64) * stride_xm
+    w_cols = w_ptr + batch * stride_wb + cols[None, :].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # K tiles in increasing order, one tl.dot each: the same order for every row and M.
     for first in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         ks = first + offs_k
         k_ok = ks < K
         x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if DOT_FP32:  # exact: a product of two bf16 values fits in fp32
+        w = tl.load(
+            w_cols + ks[:, None] * stride_wk, mask=col_ok[None, :] & k_ok[:, None], other=0.0
+        )
+        if INTERPRETED:  # numpy: the same sum for every output, wherever it sits
             x, w = x.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
+            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        else:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
     if ADD_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    out = out_ptr + batch * stride_ob + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -217,9 +226,12 @@ def invariant_linear(
     fp32 accumulation in a fixed K order, rounded once to x's dtype (see the module
     docstring). `tiles`: this launch's configuration (default: `tiles_for(weight, M)`, the
     registered plan or the default tiles). ValueError for operands that do not fit (shapes,
-    dtypes, devices). Interpreted (CPU), bf16 tiles are widened to fp32 before `tl.dot`:
-    Triton 3.9's interpreter gives wrong bf16 products there (measured: errors of 1e10 on
-    unit-size data); on CUDA they are not.
+    dtypes, devices). Interpreted (CPU), a K tile's products are summed as broadcast fp32
+    products, not by `tl.dot`: the interpreter runs `tl.dot` as numpy's BLAS matmul, whose
+    result for a row depends on its place in the tile (and whose bf16 products Triton 3.9
+    gets wrong: errors of 1e10 on unit-size data). On CUDA `tl.dot` runs on the tensor
+    cores, where a row's bits do not depend on its place (measured on an H200 across 19
+    tile shapes: `thinfer bench matmul`, "classes").
     """
     _check(x, weight, bias)
     m, k = x.shape
@@ -234,10 +246,49 @@ def invariant_linear(
     grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     _invariant_matmul_kernel[grid](
         x, weight, x if bias is None else bias.contiguous(), out, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
+        x.stride(0), weight.stride(0), 1, out.stride(0), 0, 0, 0,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         NUM_STAGES=tiles.stages, GROUP_M=GROUP_M, ADD_BIAS=bias is not None,
-        DOT_FP32=x.dtype == torch.bfloat16 and kernels_interpreted(),
+        INTERPRETED=kernels_interpreted(),
+        num_warps=tiles.warps,
+    )  # fmt: skip
+    return out
+
+
+# The fixed tiles of `invariant_bmm` (attention's per-row products: a few query heads per
+# KV head against hundreds to thousands of keys).
+BMM_TILES = Tiles(16, 64, 64, 4, 3)
+
+
+def invariant_bmm(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
+    """out[i] = a[i] [M, K] @ b_nk[i]^T for a [B, M, K] and b_nk [B or 1, N, K] (any strides,
+    a batch of 1 shared by every i): each out[i] bitwise independent of B and of the other
+    entries (fixed tiles `BMM_TILES`, fixed K order, no split-K). fp32 accumulation, rounded
+    once to a's dtype. ValueError for operands that do not fit."""
+    if a.dim() != 3 or b_nk.dim() != 3 or a.shape[2] != b_nk.shape[2]:
+        raise ValueError(
+            f"expected a [B, M, K] and b [B, N, K], got {tuple(a.shape)} and {tuple(b_nk.shape)}"
+        )
+    if b_nk.shape[0] not in (1, a.shape[0]):
+        raise ValueError(f"b's batch must be 1 or {a.shape[0]}, got {b_nk.shape[0]}")
+    _check(a[0], b_nk[0], None)
+    batch, m, k = a.shape
+    n = b_nk.shape[1]
+    out = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    a = a if a.stride(2) == 1 else a.contiguous()
+    tiles = BMM_TILES
+    grid = (triton.cdiv(m, tiles.block_m) * triton.cdiv(n, tiles.block_n), batch)
+    _invariant_matmul_kernel[grid](
+        a, b_nk, a, out, m, n, k,
+        a.stride(1), b_nk.stride(1), b_nk.stride(2), out.stride(1),
+        a.stride(0), 0 if b_nk.shape[0] == 1 else b_nk.stride(0), out.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        NUM_STAGES=tiles.stages, GROUP_M=GROUP_M, ADD_BIAS=False,
+        INTERPRETED=kernels_interpreted(),
         num_warps=tiles.warps,
     )  # fmt: skip
     return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thinfer.kernels.gemm_dataflow import DataflowTable, load_table
+from thinfer.kernels.placement import runs_triton
 from thinfer.models.int4 import int4_linear, int4_supported, quantize_int4
 from thinfer.models.int8 import int8_linear, int8_supported, quantize_int8
 from thinfer.models.invariant_linear import choose_tiles, plain_matmul, tiled_linear
@@ -198,7 +199,7 @@ _TILES_BY_SHAPE: dict[tuple[int, int, torch.dtype, bool], tuple[int, ...]] = {}
 
 def _invariant_tiles(module: Linear) -> tuple[int, ...]:
     weight = module.weight.detach()
-    if weight.device.type == "cuda":
+    if runs_triton(weight):
         from thinfer.kernels.invariant_matmul import registered_plan
         from thinfer.kernels.invariant_tiles import tune_tiles
 
