@@ -68,6 +68,30 @@ def test_bench_throughput(tmp_path):
         assert 0.0 <= run["token_agreement"] <= 1.0
 
 
+def test_bench_throughput_llama_cpp_peer(tmp_path, capsys):
+    """The llama.cpp peer runs the default GGUF beside thinfer where llama-cpp-python is
+    installed (`.[llamacpp]`); elsewhere the command says what to install. A model that is
+    not a GGUF file is refused either way."""
+    argv = ["bench", "throughput", "--peer", "llama.cpp", "--num-prompts", "2"]
+    argv += ["--max-tokens", "4", "--batch-sizes", "1,2", "--threads", "1"]
+    argv += ["--output-dir", str(tmp_path)]
+    tiny = ["--model", "tiny", "--load-format", "dummy"]
+    assert main(argv + tiny) == 2
+    assert "--peer llama.cpp needs a GGUF file model" in capsys.readouterr().err
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert main(argv) == 2
+        assert "needs llama-cpp-python: pip install" in capsys.readouterr().err
+        return
+    assert main(argv) == 0
+    data = _only(tmp_path, "throughput")
+    assert data["peer"] == "llama.cpp" and data["peer_batching"].startswith("sequential")
+    for run in data["runs"]:
+        assert run["llama.cpp"]["tokens"] == run["thinfer"]["tokens"] == 2 * 4
+        assert run["ratio"] > 0 and 0.0 <= run["token_agreement"] <= 1.0
+
+
 def test_bench_throughput_with_int4_reuses_the_quantized_model(tmp_path):
     argv = ["bench", "throughput", "--model", "tiny", "--load-format", "dummy", "--peer", "none"]
     argv += ["--quantization", "int4", "--num-prompts", "2", "--max-tokens", "3"]

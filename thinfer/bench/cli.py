@@ -9,7 +9,9 @@ from typing import Any
 from thinfer.bench.report import DEFAULT_OUTPUT_DIR
 
 
-def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
+def _common(
+    parser: argparse.ArgumentParser, peer: bool = True, peers: tuple[str, ...] = ("hf", "none")
+) -> None:
     from thinfer.cli_args import add_model_args
 
     add_model_args(parser)
@@ -17,8 +19,10 @@ def _common(parser: argparse.ArgumentParser, peer: bool = True) -> None:
         parser.add_argument(
             "--peer",
             default="hf",
-            choices=["hf", "none"],
-            help="compare with HF transformers on the same checkpoint (default), or not",
+            choices=list(peers),
+            help="compare with HF transformers on the same checkpoint (default)"
+            + (", with llama.cpp on the same GGUF file" if "llama.cpp" in peers else "")
+            + ", or not",
         )
     parser.add_argument(
         "--threads",
@@ -257,7 +261,7 @@ def add_bench_parser(subparsers: Any) -> None:
         description="Offline batch generation (greedy, EOS ignored) per batch size; "
         "--max-num-seqs is ignored: each run uses its batch size.",
     )
-    _common(tp)
+    _common(tp, peers=("hf", "llama.cpp", "none"))
     tp.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     tp.add_argument("--num-prompts", type=int, default=32)
     tp.add_argument("--max-tokens", type=int, default=128)

@@ -1,14 +1,17 @@
-"""`thinfer bench throughput`: offline batch generation, thinfer versus HF transformers.
+"""`thinfer bench throughput`: offline batch generation, thinfer versus a peer.
 
 For each batch size, thinfer (continuous batching with `max_num_seqs` = the batch size) and
-HF `generate` (static left-padded batches of that size) both produce `--max-tokens` greedy
-tokens, EOS ignored, for the same `--num-prompts` tokenized prompts.
+the peer produce `--max-tokens` greedy tokens, EOS ignored, for the same `--num-prompts`
+tokenized prompts. Peers: HF `generate` (static left-padded batches of that size; the
+default) or llama.cpp on the same GGUF file (`thinfer.bench.llamacpp_peer`: one sequence at
+a time, so the same for every batch size; measured once per batch size all the same).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
 WARMUP_PROMPTS = 2
 WARMUP_TOKENS = 4
+PEER_LABELS = {"hf": "HF transformers", "llama.cpp": "llama.cpp"}
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -82,12 +86,12 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     kwargs["max_num_seqs"] = max(sizes)
     llm = LLM(**kwargs)  # type: ignore[arg-type]
     ids = bench_prompt_token_ids(llm, args.num_prompts)
-    peer = load_hf_peer(llm, args.load_format) if args.peer == "hf" else None
+    peer_run = _peer(llm, args, ids)
 
     warm = ids[:WARMUP_PROMPTS]
     thinfer_generate_tokens(llm, warm, WARMUP_TOKENS)
-    if peer is not None:
-        hf_generate_tokens(peer, warm, max(sizes), WARMUP_TOKENS)
+    if peer_run is not None:
+        peer_run(warm, max(sizes), WARMUP_TOKENS)
 
     print(f"{llm.source}: {len(ids)} prompts x {args.max_tokens} tokens", flush=True)
     runs = []
@@ -103,11 +107,11 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": size,
             "thinfer": _entry(sum(map(len, tokens)), seconds),
         }
-        if peer is not None:
-            hf_seconds, hf_tokens = hf_generate_tokens(peer, ids, size, args.max_tokens)
-            run["hf"] = _entry(sum(map(len, hf_tokens)), hf_seconds)
-            run["ratio"] = run["thinfer"]["tokens_per_s"] / run["hf"]["tokens_per_s"]
-            run["token_agreement"] = token_agreement(tokens, hf_tokens)
+        if peer_run is not None:
+            peer_seconds, peer_tokens = peer_run(ids, size, args.max_tokens)
+            run[args.peer] = _entry(sum(map(len, peer_tokens)), peer_seconds)
+            run["ratio"] = run["thinfer"]["tokens_per_s"] / run[args.peer]["tokens_per_s"]
+            run["token_agreement"] = token_agreement(tokens, peer_tokens)
         runs.append(run)
         _print_row(run)
 
@@ -119,6 +123,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(next(llm.engine.model.parameters()).dtype).removeprefix("torch."),
         "quantization": args.quantization,
         "peer": args.peer,
+        "peer_batching": _peer_batching(args.peer),
         "num_prompts": args.num_prompts,
         "max_tokens": args.max_tokens,
         "prompt_tokens": [len(p) for p in ids],
@@ -130,14 +135,40 @@ def run_throughput(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def _peer(
+    llm: LLM, args: argparse.Namespace, ids: list[list[int]]
+) -> Callable[[list[list[int]], int, int], tuple[float, list[list[int]]]] | None:
+    """(prompts, batch size, new tokens) -> (seconds, ids) for `args.peer`, or None."""
+    if args.peer == "hf":
+        model = load_hf_peer(llm, args.load_format)
+        return lambda prompts, size, tokens: hf_generate_tokens(model, prompts, size, tokens)
+    if args.peer == "llama.cpp":
+        from thinfer.bench.llamacpp_peer import llamacpp_generate_tokens, load_llamacpp_peer
+
+        context = max(map(len, ids)) + args.max_tokens + 8
+        threads = args.threads or torch.get_num_threads()
+        engine = load_llamacpp_peer(llm.source, threads, context)
+        return lambda prompts, size, tokens: llamacpp_generate_tokens(engine, prompts, tokens)
+    return None
+
+
+def _peer_batching(peer: str) -> str | None:
+    if peer == "llama.cpp":
+        from thinfer.bench.llamacpp_peer import PEER_BATCHING
+
+        return PEER_BATCHING
+    return "static left-padded batches of the batch size" if peer == "hf" else None
+
+
 def _print_row(run: dict[str, Any]) -> None:
     t = run["thinfer"]
     line = f"batch {run['batch_size']:>4}  thinfer {t['tokens_per_s']:9.1f} tok/s"
     line += f" ({t['seconds']:.2f} s)"
-    if "hf" in run:
-        h = run["hf"]
+    peer = next((name for name in PEER_LABELS if name in run), None)
+    if peer is not None:
+        h = run[peer]
         line += (
-            f"  HF {h['tokens_per_s']:9.1f} tok/s ({h['seconds']:.2f} s)"
+            f"  {peer} {h['tokens_per_s']:9.1f} tok/s ({h['seconds']:.2f} s)"
             f"  ratio {run['ratio']:5.2f}x  same tokens {run['token_agreement']:.1%}"
         )
     print(line, flush=True)
@@ -148,15 +179,17 @@ def _plot(data: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(max(5.0, 1.6 * len(runs) + 2), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(len(runs)))
-    has_hf = all("hf" in run for run in runs)
-    width = 0.38 if has_hf else 0.6
+    peer = data["peer"]
+    has_peer = all(peer in run for run in runs)
+    width = 0.38 if has_peer else 0.6
     ours = [run["thinfer"]["tokens_per_s"] for run in runs]
-    offset = -width / 2 if has_hf else 0.0
+    offset = -width / 2 if has_peer else 0.0
     ax.bar([x + offset for x in xs], ours, width, label="thinfer", color="#1f77b4")
     tops = list(ours)
-    if has_hf:
-        theirs = [run["hf"]["tokens_per_s"] for run in runs]
-        ax.bar([x + width / 2 for x in xs], theirs, width, label="HF transformers", color="#ff7f0e")
+    if has_peer:
+        theirs = [run[peer]["tokens_per_s"] for run in runs]
+        label = PEER_LABELS[peer]
+        ax.bar([x + width / 2 for x in xs], theirs, width, label=label, color="#ff7f0e")
         tops = [max(a, b) for a, b in zip(ours, theirs)]
         for x, top, run in zip(xs, tops, runs):
             ax.annotate(
@@ -169,7 +202,7 @@ def _plot(data: dict[str, Any]) -> Figure:
             )
     ax.set_ylim(0, max(tops) * 1.18)
     ax.set_xticks(xs, [str(run["batch_size"]) for run in runs])
-    ax.set_xlabel("batch size (max concurrent sequences); label: thinfer / HF")
+    ax.set_xlabel(f"batch size (max concurrent sequences); label: thinfer / {peer}")
     ax.set_ylabel("generated tokens / s")
     model = data["model"].rstrip("/").split("/")[-1]
     ax.set_title(
