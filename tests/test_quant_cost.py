@@ -1,0 +1,45 @@
+"""`thinfer bench quant-cost`: the held-out NLL it teacher-forces through the engine equals
+HF transformers' cross-entropy on the same windows (fp32, the oracle), the command records
+every variant, and a model without a tokenizer is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from thinfer.bench.quant_cost import agreement, held_out_nll
+from thinfer.cli import main
+
+
+def test_forced_nll_matches_hf_cross_entropy(llm):
+    from thinfer.bench.hf_peer import load_hf_peer
+    from thinfer.eval.texts import default_text, split_tokens, windows
+    from thinfer.pruning.calibration import mean_nll
+
+    held_out = split_tokens(llm.tokenizer.encode(default_text()))[1]
+    chunks = windows(held_out, 24, 3)
+    hf = load_hf_peer(llm)
+    assert held_out_nll(llm, chunks) == pytest.approx(mean_nll(hf, torch.tensor(chunks)), abs=2e-4)
+
+
+def test_agreement_counts_tokens_before_divergence():
+    assert agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]]) == pytest.approx(4 / 6)
+    assert agreement([[1, 2]], [[1, 2]]) == 1.0
+
+
+def test_bench_quant_cost_records_every_variant(tmp_path, capsys):
+    argv = ["bench", "quant-cost", "--windows", "2", "--window-len", "16", "--prompts", "2"]
+    argv += ["--greedy-tokens", "4", "--num-kv-blocks", "64", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    (path,) = tmp_path.glob("quant_cost_*.json")
+    data = json.loads(path.read_text())
+    assert list(data["variants"]) == ["fp32", "int8", "int4"]
+    fp32 = data["variants"]["fp32"]
+    assert fp32["greedy_agreement_with_fp32"] == 1.0 and fp32["perplexity_vs_fp32"] == 1.0
+    for row in data["variants"].values():
+        assert row["perplexity"] == pytest.approx(2.718281828 ** row["held_out_nll"])
+    tiny = ["bench", "quant-cost", "--model", "tiny", "--load-format", "dummy"]
+    assert main(tiny + ["--output-dir", str(tmp_path)]) == 2
+    assert "needs a model with a tokenizer" in capsys.readouterr().err
