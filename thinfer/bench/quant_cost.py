@@ -2,9 +2,8 @@
 
 For each of fp32 (the reference), int8 and int4 (`LLM(quantization=...)`) on the same
 checkpoint: the held-out perplexity of windows of real text (the last 20% of the embedded
-default text, never seen by anything here), teacher-forced through the engine's own decode
-steps (`SamplingParams.forced_tokens`: the log-probability of each true next token), and the
-greedy agreement with fp32 on the benchmark prompts (the share of tokens before the first
+default text; `thinfer.eval.perplexity`, what `thinfer eval ppl` reports), and the greedy
+agreement with fp32 on the benchmark prompts (the share of tokens before the first
 divergence). One process, one model load per variant.
 """
 
@@ -21,17 +20,6 @@ from thinfer.bench.report import model_short_name, write_result
 from thinfer.sampling_params import SamplingParams
 
 VARIANTS = (None, "int8", "int4")
-
-
-def held_out_nll(llm: Any, windows: list[list[int]]) -> float:
-    """Mean negative log-likelihood of each window's tokens after its first, teacher-forced."""
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=len(w) - 1, ignore_eos=True, forced_tokens=w[1:])
-        for w in windows
-    ]
-    outs = llm.generate([w[:1] for w in windows], params, use_tqdm=False)
-    logprobs = [float(v) for out in outs for v in out.outputs[0].forced_logprobs]
-    return -sum(logprobs) / len(logprobs)
 
 
 def greedy_tokens(llm: Any, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -54,6 +42,7 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
 
 def run_quant_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every variant, print a line each, write JSON + PNG; return the data."""
+    from thinfer.eval.perplexity import perplexity
     from thinfer.eval.texts import default_text, split_tokens, windows
     from thinfer.llm import LLM
 
@@ -74,8 +63,8 @@ def run_quant_cost(args: argparse.Namespace) -> dict[str, Any]:
         )
         if llm.tokenizer is None:
             raise ValueError("quant-cost needs a model with a tokenizer (real text)")
-        held_out = split_tokens(llm.tokenizer.encode(default_text()))[1]
-        nll = held_out_nll(llm, windows(held_out, args.window_len, args.windows))
+        held_out = split_tokens(llm.tokenizer.encode(default_text(), add_special_tokens=False))[1]
+        nll = perplexity(llm, windows(held_out, args.window_len, args.windows))["nll"]
         greedy = greedy_tokens(llm, bench_prompt_token_ids(llm, args.prompts), args.greedy_tokens)
         reference = greedy if reference is None else reference
         label = quantization or "fp32"
