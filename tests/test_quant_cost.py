@@ -1,4 +1,4 @@
-"""`thinfer bench quant-cost` (its perplexity is `thinfer.eval.perplexity`, checked against
+"""`thinfer eval quant-cost` (its perplexity is `thinfer.eval.perplexity`, checked against
 HF transformers in tests/test_perplexity.py): the command records every variant, and a model
 without a tokenizer is refused."""
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from thinfer.bench.quant_cost import agreement
 from thinfer.cli import main
+from thinfer.eval.quant_cost import agreement
 
 
 def test_agreement_counts_tokens_before_divergence():
@@ -18,7 +18,7 @@ def test_agreement_counts_tokens_before_divergence():
 
 
 def test_bench_quant_cost_records_every_variant(tmp_path, capsys):
-    argv = ["bench", "quant-cost", "--windows", "2", "--window-len", "16", "--prompts", "2"]
+    argv = ["eval", "quant-cost", "--windows", "2", "--window-len", "16", "--prompts", "2"]
     argv += ["--greedy-tokens", "4", "--num-kv-blocks", "64", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     (path,) = tmp_path.glob("quant_cost_*.json")
@@ -28,6 +28,6 @@ def test_bench_quant_cost_records_every_variant(tmp_path, capsys):
     assert fp32["greedy_agreement_with_fp32"] == 1.0 and fp32["perplexity_vs_fp32"] == 1.0
     for row in data["variants"].values():
         assert row["perplexity"] == pytest.approx(2.718281828 ** row["held_out_nll"])
-    tiny = ["bench", "quant-cost", "--model", "tiny", "--load-format", "dummy"]
+    tiny = ["eval", "quant-cost", "--model", "tiny", "--load-format", "dummy"]
     assert main(tiny + ["--output-dir", str(tmp_path)]) == 2
     assert "needs a model with a tokenizer" in capsys.readouterr().err

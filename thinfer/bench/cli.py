@@ -288,7 +288,6 @@ def add_bench_parser(subparsers: Any) -> None:
     from thinfer.bench.matmul import add_parser as add_matmul
     from thinfer.bench.prune_latency import add_parser as add_prune_latency
     from thinfer.bench.prune_quality import add_parser as add_prune_quality
-    from thinfer.bench.quant_cost import add_parser as add_quant_cost
     from thinfer.bench.softmax_offset import add_parser as add_softmax_offset
     from thinfer.bench.tensor_parallel import add_parser as add_tensor_parallel
 
@@ -296,7 +295,6 @@ def add_bench_parser(subparsers: Any) -> None:
     add_determinism(kinds)
     add_gemm_dataflow(kinds)
     add_gpu_check(kinds)
-    add_quant_cost(kinds)
     add_matmul(kinds).set_defaults(func=_matmul)
     add_prune_latency(kinds)
     add_prune_quality(kinds)

@@ -1,5 +1,6 @@
-"""`thinfer eval`: the command-line options of the evaluation runner, and of its sibling
-`thinfer eval ppl`, perplexity on real text (see docs/eval.md)."""
+"""`thinfer eval`: the command-line options of the evaluation runner, and of its siblings
+`thinfer eval ppl`, perplexity on real text, and `thinfer eval quant-cost` (see
+docs/eval.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 from typing import Any
 
 from thinfer.bench.report import DEFAULT_OUTPUT_DIR
+from thinfer.eval.quant_cost import add_parser as add_quant_cost_parser
 
 ALL_METHODS = "full,window,streamingllm,sepllm,h2o,snapkv,rkv,dynts"
 
@@ -71,9 +73,12 @@ def add_eval_parser(subparsers: Any) -> None:
     add_model_args(ev)
     ev.set_defaults(func=_eval)
     commands = ev.add_subparsers(
-        dest="eval_command", metavar="{ppl}", help="optional: ppl = perplexity on real text"
+        dest="eval_command",
+        metavar="{ppl,quant-cost}",
+        help="optional: ppl = perplexity on real text; quant-cost = int8/int4 against fp32",
     )
     add_ppl_parser(commands)
+    add_quant_cost_parser(commands)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, default_samples: int) -> None:

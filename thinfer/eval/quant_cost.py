@@ -1,4 +1,4 @@
-"""`thinfer bench quant-cost`: what weight-only quantization costs in quality.
+"""`thinfer eval quant-cost`: what weight-only quantization costs in quality.
 
 For each of fp32 (the reference), int8 and int4 (`LLM(quantization=...)`) on the same
 checkpoint: the held-out perplexity of windows of real text (the last 20% of the embedded
@@ -115,7 +115,7 @@ def _plot(data: dict[str, Any]) -> Figure:
 
 
 def add_parser(kinds: Any) -> None:
-    """Register `thinfer bench quant-cost`."""
+    """Register `thinfer eval quant-cost`."""
     qc = kinds.add_parser(
         "quant-cost",
         help="held-out perplexity and greedy agreement of int8 / int4 against fp32",
