@@ -8,13 +8,13 @@ import json
 
 import pytest
 
+from thinfer.bench.hf_peer import prefix_agreement
 from thinfer.cli import main
-from thinfer.eval.quant_cost import agreement
 
 
 def test_agreement_counts_tokens_before_divergence():
-    assert agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]]) == pytest.approx(4 / 6)
-    assert agreement([[1, 2]], [[1, 2]]) == 1.0
+    assert prefix_agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]]) == pytest.approx(4 / 6)
+    assert prefix_agreement([[1, 2]], [[1, 2]]) == 1.0
 
 
 def test_bench_quant_cost_records_every_variant(tmp_path, capsys):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from thinfer.bench.bandwidth import copy_bandwidth, device_timings
+from thinfer.bench.hf_peer import prefix_agreement
 from thinfer.bench.machine import machine_info
 
 
@@ -114,15 +115,10 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Greedy runs compared: the share of tokens before each sequence's first divergence,
     and whether both are bitwise equal (tokens and log-probabilities)."""
-    same_prefix, total = 0, 0
-    for (tokens_a, _), (tokens_b, _) in zip(expected, actual, strict=True):
-        total += len(tokens_a)
-        agree = 0
-        while agree < min(len(tokens_a), len(tokens_b)) and tokens_a[agree] == tokens_b[agree]:
-            agree += 1
-        same_prefix += agree
     return {
-        "tokens_agreeing_before_divergence": same_prefix / total if total else 1.0,
+        "tokens_agreeing_before_divergence": prefix_agreement(
+            [tokens for tokens, _ in expected], [tokens for tokens, _ in actual]
+        ),
         "bitwise_equal": expected == actual,
     }
 

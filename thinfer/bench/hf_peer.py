@@ -14,7 +14,7 @@ import torch
 
 from thinfer.loading.hf_config import hf_config
 
-__all__ = ["hf_config", "llm_device", "llm_dtype"]
+__all__ = ["hf_config", "llm_device", "llm_dtype", "prefix_agreement"]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -123,6 +123,19 @@ def hf_generate_tokens(
     if any(len(ids) != max_new_tokens for ids in results):
         raise RuntimeError("HF generate stopped before max_new_tokens")
     return seconds, results
+
+
+def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of `a`'s tokens before each sequence's first divergence from `b` (1.0 for no
+    tokens): how long greedy paths stay together."""
+    same = total = 0
+    for x, y in zip(a, b, strict=True):
+        total += len(x)
+        for p, q in zip(x, y):
+            if p != q:
+                break
+            same += 1
+    return same / total if total else 1.0
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:

@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from thinfer.bench.hf_peer import prefix_agreement
 from thinfer.bench.prompts import bench_prompt_token_ids
 from thinfer.bench.report import model_short_name, write_result
 from thinfer.sampling_params import SamplingParams
@@ -26,18 +27,6 @@ def greedy_tokens(llm: Any, prompts: list[list[int]], steps: int) -> list[list[i
     """Each prompt's `steps` greedy tokens (EOS ignored)."""
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
-    """Share of the reference's tokens before each sequence's first divergence."""
-    same = total = 0
-    for a, b in zip(reference, other, strict=True):
-        total += len(a)
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            same += 1
-    return same / total if total else 1.0
 
 
 def run_quant_cost(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +60,7 @@ def run_quant_cost(args: argparse.Namespace) -> dict[str, Any]:
         rows[label] = {
             "held_out_nll": nll,
             "perplexity": math.exp(nll),
-            "greedy_agreement_with_fp32": agreement(reference, greedy),
+            "greedy_agreement_with_fp32": prefix_agreement(reference, greedy),
         }
         print(
             f"{label:>5}: held-out perplexity {math.exp(nll):.3f} (NLL {nll:.4f}), greedy "
