@@ -20,12 +20,15 @@ from thinfer.attention.backend import TORCH_BACKEND, select_backend
 from thinfer.cli_args import add_model_args, llm_kwargs
 from thinfer.config import EngineConfig
 from thinfer.kernels import rmsnorm
+from thinfer.kernels.cpu_native import native_library
 from thinfer.models import fused
-from thinfer.models.fused import TORCH_OPS, TritonLayerOps, select_layer_ops
+from thinfer.models.fused import TORCH_OPS, NativeLayerOps, TritonLayerOps, select_layer_ops
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 PROMPTS = [[1, 7, 8, 9, 10, 11], [1, 300, 301]]
+# "auto" with torch attention: the native C ops on a CPU that runs them, else plain torch
+AUTO_TORCH_OPS = NativeLayerOps if DEVICE.type == "cpu" and native_library() else type(TORCH_OPS)
 
 
 def tiny(**kwargs: object) -> LLM:
@@ -54,7 +57,7 @@ def uses_fused_ops(llm: LLM) -> bool:
 
 def test_auto_follows_the_attention_backend():
     triton_backend = select_backend("triton", DEVICE)
-    assert select_layer_ops("auto", TORCH_BACKEND, DEVICE) is TORCH_OPS
+    assert type(select_layer_ops("auto", TORCH_BACKEND, DEVICE)) is AUTO_TORCH_OPS
     assert isinstance(select_layer_ops("auto", triton_backend, DEVICE), TritonLayerOps)
     assert select_layer_ops(False, triton_backend, DEVICE) is TORCH_OPS
     assert isinstance(select_layer_ops(True, TORCH_BACKEND, DEVICE), TritonLayerOps)
@@ -106,7 +109,7 @@ def test_fused_ops_on_cpu_need_the_interpreter(monkeypatch):
         select_layer_ops(True, TORCH_BACKEND, cpu)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         tiny(attention_backend="torch", fused_ops=True)
-    assert select_layer_ops("auto", TORCH_BACKEND, cpu) is TORCH_OPS  # nothing to check
+    assert type(select_layer_ops("auto", TORCH_BACKEND, cpu)) is AUTO_TORCH_OPS  # no Triton
     assert select_layer_ops(False, TORCH_BACKEND, cpu) is TORCH_OPS
 
 

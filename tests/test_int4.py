@@ -66,20 +66,21 @@ def test_only_what_the_kernel_takes_is_quantized():
     for module in (model.proj, model.odd, model.odder, model.lm_head):
         module.weight.data.normal_()
     assert quantize_linears(model, "int4") == 3
-    kinds = [m.quantized[0] for m in (model.proj, model.odd, model.lm_head)]
+    kinds = [m.quantized.kind for m in (model.proj, model.odd, model.lm_head)]
     assert kinds == ["int4", "int8", "int8"]  # int8 where int4 cannot or should not go
     assert not int4_supported(torch.zeros(8, 48)) and not int8_supported(torch.zeros(8, 40))
     x = torch.randn(3, 64)
     expected = F.linear(x, dequantize_int4_reference(model.proj.weight))
-    assert (model.proj(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
+    # the native kernels quantize activations to int8 (the torch ones round them to bf16)
+    assert (model.proj(x) - expected).abs().max() <= 2e-2 * expected.abs().max()
     assert model.odder.quantized is None
     x = torch.randn(3, 48)
     expected = F.linear(x, dequantize_int8_reference(model.odd.weight))
-    assert (model.odd(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert (model.odd(x) - expected).abs().max() <= 2e-2 * expected.abs().max()
     model.proj.unpack()  # editing weights drops the quantized copy
     assert model.proj.quantized is None
     assert quantize_linears(model, "int8") == 3
-    assert {m.quantized[0] for m in (model.proj, model.odd, model.lm_head)} == {"int8"}
+    assert {m.quantized.kind for m in (model.proj, model.odd, model.lm_head)} == {"int8"}
 
 
 def test_bad_settings_are_refused():

@@ -108,6 +108,59 @@ class TritonLayerOps(LayerOps):
         return self._silu_mul.silu_and_mul(gate_up)
 
 
+class NativeLayerOps(LayerOps):
+    """The same ops through the C kernels of `thinfer.kernels.cpu_layer_ops`, one call each,
+    for fp32 CPU tensors (others take the torch path). At decode batch sizes on a CPU, the
+    torch path's many small ops cost more in dispatch than in arithmetic.
+
+    Numerics: RoPE rounds exactly as the torch path; add + norm differs by fp32 summation
+    order, silu-multiply by the last bit of expf.
+    """
+
+    name = "native"
+
+    def __init__(self) -> None:
+        from thinfer.kernels import cpu_layer_ops
+
+        self._ops = cpu_layer_ops
+
+    @staticmethod
+    def _native(x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+
+    def rms_norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """norm(x) in one call."""
+        if not self._native(x):
+            return super().rms_norm(x, norm)
+        return self._ops.add_rms_norm(None, x, norm.weight, norm.eps)[0]
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one call."""
+        if not self._native(x):
+            return super().add_rms_norm(x, residual, norm)
+        return self._ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+
+    def rotation(self, rotary: RotaryEmbedding, positions: torch.Tensor) -> Rotate:
+        """Rotates q and k in place (views of the qkv projection are fine) and returns them."""
+        if rotary.cos.dtype != torch.float32 or rotary.cos.device.type != "cpu":
+            return super().rotation(rotary, positions)
+        apply = self._ops.rope_inplace
+
+        def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            apply(q, k, positions, rotary.cos, rotary.sin)
+            return q, k
+
+        return rotate
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up in one call."""
+        if not self._native(gate_up):
+            return super().silu_mul(gate_up)
+        return self._ops.silu_mul(gate_up)
+
+
 TORCH_OPS = LayerOps()
 
 
@@ -116,13 +169,18 @@ def select_layer_ops(
 ) -> LayerOps:
     """The layer ops for a model on `device` whose attention runs through `backend`.
 
-    `fused_ops` "auto": the fused kernels exactly when the backend is "triton"; True: the
-    fused kernels; False: plain torch. Raises ValueError for another value, and for fused
+    `fused_ops` "auto": the fused Triton kernels exactly when the backend is "triton", and on
+    a CPU the native C ops (`NativeLayerOps`) where they load; True: the fused Triton
+    kernels; False: plain torch. Raises ValueError for another value, and for fused
     kernels that cannot run here: triton does not import, or the device is not CUDA and the
     kernels are not interpreted (TRITON_INTERPRET=1, as CPU tests set).
     """
     if not (isinstance(fused_ops, bool) or fused_ops == "auto"):
         raise ValueError(f"fused_ops must be 'auto', True or False, got {fused_ops!r}")
+    if fused_ops == "auto" and backend.name != "triton" and device.type == "cpu":
+        from thinfer.kernels.cpu_native import native_library
+
+        return NativeLayerOps() if native_library() is not None else TORCH_OPS
     if not (backend.name == "triton" if fused_ops == "auto" else fused_ops):
         return TORCH_OPS
     try:

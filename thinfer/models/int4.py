@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from thinfer.kernels.cpu_native import native_library
+from thinfer.kernels.cpu_qgemm import Q4Weights, pack_q4, q4_matmul
+
 GROUP = 32
 _INNER_K_TILES = 2  # the packing's K tiling (2 x 16 values); K must be a multiple of 32
 # The kernel's fast path takes bf16 activations and scales (fp32 ones: 40x slower, measured);
@@ -74,3 +77,29 @@ def int4_linear(
         x.to(COMPUTE_DTYPE).contiguous(), packed, GROUP, scales_and_zeros
     ).float()
     return out if bias is None else out + bias
+
+
+class Int4Weight:
+    """A linear's weight [N, K] in int4 groups, with the fastest kernel this machine has:
+    the native q4 kernel (`thinfer.kernels.cpu_qgemm`: fp16 scale and min per group, int8
+    activations; `backend` "native") where it loads, else PyTorch's packed int4 kernel (bf16
+    scales and activations; "torch"). Both hold the same codes."""
+
+    kind = "int4"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.backend = "native" if native_library() is not None else "torch"
+        self._native: Q4Weights | None = None
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.backend == "native":
+            codes, scale, zero = _group_codes(weight)
+            self._native = pack_q4(codes.reshape(weight.shape), scale, zero - 8 * scale)
+        else:
+            self._packed = quantize_int4(weight)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] W^T (+ bias), fp32 in and out."""
+        if self._native is not None:
+            return q4_matmul(x, self._native, bias)
+        assert self._packed is not None
+        return int4_linear(x, *self._packed, bias)

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from thinfer.kernels.cpu_native import native_library
+from thinfer.kernels.cpu_qgemm import q8_matmul
+
 COMPUTE_DTYPE = torch.bfloat16
 
 
@@ -50,3 +53,25 @@ def int8_linear(
     """y = x [M, K] W^T (+ bias) with W held as int8 codes: fp32 in and out, bf16 inside."""
     out = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE).contiguous(), codes, scales)
     return out.float() if bias is None else out.float() + bias
+
+
+class Int8Weight:
+    """A linear's weight [N, K] as int8 codes with one scale per row, with the fastest
+    kernel this machine has: the native q8 kernel (`thinfer.kernels.cpu_qgemm`: fp32 scales,
+    int8 activations, K a multiple of 32; `backend` "native") where it loads and takes the
+    shape, else PyTorch's packed int8 kernel (bf16 scales and activations; "torch")."""
+
+    kind = "int8"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        codes, scale = _row_codes(weight)
+        native = native_library() is not None and weight.shape[1] % 32 == 0
+        self.backend = "native" if native else "torch"
+        self._codes = codes.to(torch.int8).contiguous()
+        self._scales = scale if native else scale.to(COMPUTE_DTYPE)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] W^T (+ bias), fp32 in and out."""
+        if self.backend == "native":
+            return q8_matmul(x, self._codes, self._scales, bias)
+        return int8_linear(x, self._codes, self._scales, bias)

@@ -18,8 +18,8 @@ from torch import nn
 
 from thinfer.kernels.gemm_dataflow import DataflowTable, load_table
 from thinfer.kernels.placement import runs_triton
-from thinfer.models.int4 import int4_linear, int4_supported, quantize_int4
-from thinfer.models.int8 import int8_linear, int8_supported, quantize_int8
+from thinfer.models.int4 import Int4Weight, int4_supported
+from thinfer.models.int8 import Int8Weight, int8_supported
 from thinfer.models.invariant_linear import choose_tiles, plain_matmul, tiled_linear
 
 QUANTIZATIONS = ("int4", "int8")
@@ -35,8 +35,8 @@ class Linear(nn.Module):
         self._packed: torch.Tensor | None = None
         # The kernel per batch size (`set_gemm_dataflow`); None: the paths below.
         self.dataflow: DataflowTable | None = None
-        # Quantized weights (`quantize_linears`): ("int4" | "int8", codes, scales); None: fp32.
-        self.quantized: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        # Quantized weights (`quantize_linears`); None: fp32.
+        self.quantized: Int4Weight | Int8Weight | None = None
         # Batch-invariant mode (`set_batch_invariant`): the CPU tile ladder, or () for the
         # Triton kernel on CUDA; None: the paths below, whose results depend on the batch.
         self.invariant_tiles: tuple[int, ...] | None = None
@@ -51,9 +51,7 @@ class Linear(nn.Module):
             if choice.impl != "cublas":
                 return choice.run(x, self.weight, self.bias)
         if self.quantized is not None and x.dim() == 2 and x.dtype == torch.float32:
-            kind, codes, scales = self.quantized
-            run = int4_linear if kind == "int4" else int8_linear
-            return run(x, codes, scales, self.bias)
+            return self.quantized.matmul(x, self.bias)
         if self._packed is not None and x.dim() == 2:
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed, self.bias, "none", [], ""
@@ -157,9 +155,9 @@ def quantize_linears(model: nn.Module, method: str) -> int:
             )
         output_layer = name.split(".")[-1] == "lm_head"
         if method == "int4" and not output_layer and int4_supported(weight):
-            module.quantized = ("int4", *quantize_int4(weight))
+            module.quantized = Int4Weight(weight)
         elif int8_supported(weight):
-            module.quantized = ("int8", *quantize_int8(weight))
+            module.quantized = Int8Weight(weight)
         else:
             continue
         module._packed = None  # the quantized path replaces the oneDNN copy

@@ -1,0 +1,170 @@
+"""CPU quantized matmuls on the C kernels of `cpu/qgemm.c`, beside their torch references.
+
+y [M, N] = x [M, K] W^T (+ bias) with the activations quantized per group of 32 values along
+K to int8 (one fp32 scale and the fp32 sum per group, as llama.cpp's Q8_1) and W held as
+
+- q4 (`Q4Weights`): per group of 32 values of a row, 4-bit codes q in [0, 15] and an fp16
+  (scale d, min m) pair, w = d * q + m: GGUF Q4_1's blocks, 5 bits per weight;
+- q8 (`q8_matmul`): int8 codes c in [-127, 127] and one fp32 scale s per row, w = s * c.
+
+The group dots are integer (exact); the result differs from the torch reference only by
+fp32 summation order. Against fp32 weights the error is the weights' quantization plus the
+activations' (a relative error of about 1/254 of each group's largest value).
+`native_library()` (`thinfer.kernels.cpu_native`) says whether the kernels run here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from thinfer.kernels.cpu_native import native_library
+
+GROUP = 32
+
+
+class Q4Weights(NamedTuple):
+    """A weight [N, K] as q4 blocks."""
+
+    codes: torch.Tensor  # uint8 [N, K / 2]: value j of a group low nibble, j + 16 high
+    scales_mins: torch.Tensor  # float16 [N, 2, K / 32]: the row's scales d, then its mins m
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the weight these blocks stand for."""
+        return self.codes.shape[0], self.codes.shape[1] * 2
+
+
+def pack_q4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Q4Weights:
+    """Blocks of codes [N, K] in [0, 15] with scales and mins [N, K / 32]: w = d * q + m."""
+    n, k = codes.shape
+    if k % GROUP or codes.min() < 0 or codes.max() > 15:
+        raise ValueError(f"q4 codes need K a multiple of {GROUP} and values in [0, 15]")
+    groups = codes.to(torch.uint8).reshape(n, k // GROUP, GROUP)
+    packed = groups[..., : GROUP // 2] | (groups[..., GROUP // 2 :] << 4)
+    scales_mins = torch.stack([scales, mins], dim=1).to(torch.float16)
+    return Q4Weights(packed.reshape(n, k // 2).contiguous(), scales_mins.contiguous())
+
+
+def unpack_q4(weights: Q4Weights) -> torch.Tensor:
+    """The fp32 weight [N, K] the blocks stand for (their fp16 scales and mins in fp32)."""
+    n, k = weights.shape
+    packed = weights.codes.reshape(n, k // GROUP, GROUP // 2)
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+    scales, mins = weights.scales_mins.float().unbind(1)
+    return (codes * scales[..., None] + mins[..., None]).reshape(n, k)
+
+
+def _call(name: str, *args: object) -> None:
+    library = native_library()
+    if library is None:
+        raise RuntimeError("the native CPU kernels are unavailable here (see cpu_native)")
+    getattr(library, name)(*args)
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _check(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"expected CPU activations [M, {k}], got {tuple(x.shape)} on {x.device}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32):
+        raise ValueError(f"expected an fp32 bias [{n}], got {tuple(bias.shape)} {bias.dtype}")
+    return x.to(torch.float32).contiguous()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 codes [M, K], scales [M, K / 32], sums [M, K / 32]) of fp32 x [M, K]."""
+    m, k = x.shape
+    codes = torch.empty(m, k, dtype=torch.int8)
+    scales = torch.empty(m, k // GROUP)
+    sums = torch.empty(m, k // GROUP)
+    _call("q8_quantize", x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), sums.data_ptr())
+    return codes, scales, sums
+
+
+def q4_matmul(x: torch.Tensor, weights: Q4Weights, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T (+ bias) with W as q4 blocks, on the C kernel."""
+    n, k = weights.shape
+    x = _check(x, k, bias, n)
+    out = torch.empty(x.shape[0], n)
+    _call(
+        "q4_linear",
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        weights.codes.data_ptr(),
+        weights.scales_mins.data_ptr(),
+        n,
+        _pointer(bias),
+        out.data_ptr(),
+    )
+    return out
+
+
+def q8_matmul(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T (+ bias) with W = scales[:, None] * codes (int8 [N, K], fp32
+    scales [N]), on the C kernel."""
+    n, k = codes.shape
+    if codes.dtype != torch.int8 or scales.dtype != torch.float32 or k % GROUP:
+        raise ValueError(f"q8 weights need int8 codes [N, K], K a multiple of {GROUP}, fp32 scales")
+    x = _check(x, k, bias, n)
+    out = torch.empty(x.shape[0], n)
+    _call(
+        "q8_linear",
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        codes.contiguous().data_ptr(),
+        scales.contiguous().data_ptr(),
+        n,
+        _pointer(bias),
+        out.data_ptr(),
+    )
+    return out
+
+
+def quantize_activations_reference(
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch reference of `quantize_activations` (the same fp32 operations)."""
+    m, k = x.shape
+    groups = x.float().reshape(m, k // GROUP, GROUP)
+    scales = groups.abs().amax(-1) / 127.0
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    codes = torch.round(groups * inverse[..., None]).to(torch.int8)
+    return codes.reshape(m, k), scales, groups.sum(-1)
+
+
+def q4_matmul_reference(
+    x: torch.Tensor, weights: Q4Weights, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Torch reference of `q4_matmul`: integer group dots, scaled and summed in fp32."""
+    n, k = weights.shape
+    codes, scales, sums = quantize_activations_reference(x)
+    packed = weights.codes.reshape(n, k // GROUP, GROUP // 2)
+    w_codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.int32)
+    x_codes = codes.reshape(-1, k // GROUP, GROUP).to(torch.int32)
+    dots = torch.einsum("mgi,ngi->mng", x_codes, w_codes).float()  # exact integers
+    w_scales, w_mins = weights.scales_mins.float().unbind(1)
+    out = (dots * w_scales[None] * scales[:, None]).sum(-1) + sums @ w_mins.t()
+    return out if bias is None else out + bias
+
+
+def q8_matmul_reference(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Torch reference of `q8_matmul`."""
+    n, k = codes.shape
+    x_codes, x_scales, _ = quantize_activations_reference(x)
+    dots = torch.einsum(
+        "mgi,ngi->mng",
+        x_codes.reshape(-1, k // GROUP, GROUP).to(torch.int32),
+        codes.reshape(n, k // GROUP, GROUP).to(torch.int32),
+    ).float()
+    out = (dots * x_scales[:, None]).sum(-1) * scales
+    return out if bias is None else out + bias
