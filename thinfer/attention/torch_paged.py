@@ -1,6 +1,9 @@
 """Attention over the paged KV cache in plain torch.
 
-This is the CPU backend and the ground truth that GPU kernels are tested against. The cache
+This is the CPU backend and the ground truth that GPU kernels are tested against. Its decodes
+in fp32 on a CPU that runs the native kernels go through `native_decode_attention` (one C
+call for all of them, the blocks read in place; `decode_attention` here is its reference),
+except those whose attention signals a compression method records. The cache
 of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]; a
 sequence's slot s lives in block `block_table[s // block_size]` at offset `s % block_size`.
 
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 
 from thinfer.attention.capture import sum_query_groups
 from thinfer.attention.metadata import AttentionMetadata
+from thinfer.kernels.cpu_attention import native_decode_applies, native_decode_attention
 
 # Query rows per chunk when prefill column sums are computed explicitly (bounds memory).
 COLUMN_SUM_CHUNK = 256
@@ -90,7 +94,22 @@ def paged_attention(
     out = torch.empty_like(q)
     capture = meta.capture
     num_kv_heads = k_cache.shape[2]
-    for start, end in meta.plan(decode_groups):
+    decodes = meta.num_decodes
+    native = (
+        decodes > 0
+        and native_decode_applies(q, k_cache)
+        and not (capture and any(capture.wants_column_sums(i) for i in range(decodes)))
+    )
+    if native:  # all decodes at once, reading the blocks in place
+        out[:decodes] = native_decode_attention(
+            q[:decodes],
+            k_cache,
+            v_cache,
+            meta.block_tables[:decodes],
+            meta.context_lens[:decodes],
+            scale,
+        )
+    for start, end in [] if native else meta.plan(decode_groups):
         args = (
             q[start:end],
             k_cache,

@@ -1,5 +1,6 @@
 """Builds and loads the C kernels of `thinfer/kernels/cpu/`: the quantized matmuls
-(`qgemm.c`) and the small per-layer ops (`layer_ops.c`) of the CPU fast path.
+(`qgemm.c`), the small per-layer ops (`layer_ops.c`) and the decode attention over the paged
+cache (`decode_attention.c`) of the CPU fast path.
 
 The sources are compiled once per machine with the system C compiler (`cc`, or `$CC`) into a
 cache directory (`$THINFER_CACHE`, default `~/.cache/thinfer`) named after a hash of the
@@ -25,7 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = (Path(__file__).parent / "cpu" / "qgemm.c", Path(__file__).parent / "cpu" / "layer_ops.c")
+SOURCES = tuple(sorted((Path(__file__).parent / "cpu").glob("*.c")))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
@@ -39,6 +40,11 @@ SIGNATURES = {
     "add_rms_norm": (_ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _ptr),
     "rope": (_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr),
     "silu_mul": (_ptr, _i64, _i64, _ptr),
+    "paged_decode_attention": (
+        *(_ptr, _i64, _i64, _i64, _i64),  # q, seqs, q heads, kv heads, head dim
+        *(_ptr, _ptr, _i64, _ptr, _i64),  # caches, block size, block tables and their width
+        *(_ptr, _f32, _ptr),  # context lengths, scale, out
+    ),
     "q8_quantize": (_ptr, _i64, _i64, _ptr, _ptr, _ptr),
     "q4_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
     "q8_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),

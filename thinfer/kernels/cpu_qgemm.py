@@ -68,15 +68,25 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def _check(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"expected CPU activations [M, {k}], got {tuple(x.shape)} on {x.device}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32):
-        raise ValueError(f"expected an fp32 bias [{n}], got {tuple(bias.shape)} {bias.dtype}")
+    """x as contiguous fp32 [M, k]; ValueError for a bad x or bias (the kernels read raw
+    memory, so a wrong shape, dtype or stride would be silently wrong)."""
+    if x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or k % GROUP:
+        raise ValueError(
+            f"expected CPU activations [M, {k}] (K a multiple of {GROUP}), got "
+            f"{tuple(x.shape)} on {x.device}"
+        )
+    if bias is not None and (
+        bias.shape != (n,) or bias.dtype != torch.float32 or not bias.is_contiguous()
+    ):
+        raise ValueError(
+            f"expected a contiguous fp32 bias [{n}], got {tuple(bias.shape)} {bias.dtype}"
+        )
     return x.to(torch.float32).contiguous()
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 codes [M, K], scales [M, K / 32], sums [M, K / 32]) of fp32 x [M, K]."""
+    """(int8 codes [M, K], scales [M, K / 32], sums [M, K / 32]) of x [M, K] (in fp32)."""
+    x = _check(x, x.shape[-1], None, 0)
     m, k = x.shape
     codes = torch.empty(m, k, dtype=torch.int8)
     scales = torch.empty(m, k // GROUP)
@@ -110,17 +120,22 @@ def q8_matmul(
     """y [M, N] = x [M, K] W^T (+ bias) with W = scales[:, None] * codes (int8 [N, K], fp32
     scales [N]), on the C kernel."""
     n, k = codes.shape
-    if codes.dtype != torch.int8 or scales.dtype != torch.float32 or k % GROUP:
-        raise ValueError(f"q8 weights need int8 codes [N, K], K a multiple of {GROUP}, fp32 scales")
+    if codes.dtype != torch.int8 or scales.dtype != torch.float32 or scales.shape != (n,):
+        raise ValueError(
+            f"q8 weights need int8 codes [N, K] and fp32 scales [N], got "
+            f"{codes.dtype} {tuple(codes.shape)} and {scales.dtype} "
+            f"{tuple(scales.shape)}"
+        )
     x = _check(x, k, bias, n)
+    codes, scales = codes.contiguous(), scales.contiguous()  # kept alive through the call
     out = torch.empty(x.shape[0], n)
     _call(
         "q8_linear",
         x.data_ptr(),
         x.shape[0],
         k,
-        codes.contiguous().data_ptr(),
-        scales.contiguous().data_ptr(),
+        codes.data_ptr(),
+        scales.data_ptr(),
         n,
         _pointer(bias),
         out.data_ptr(),

@@ -26,6 +26,7 @@ from thinfer.kernels.cpu_native import native_library
 from thinfer.kernels.cpu_qgemm import Q4Weights, pack_q4, q4_matmul
 
 GROUP = 32
+FP16_SMALLEST_NORMAL, FP16_LARGEST = 2.0**-14, 6.0e4
 _INNER_K_TILES = 2  # the packing's K tiling (2 x 16 values); K must be a multiple of 32
 # The kernel's fast path takes bf16 activations and scales (fp32 ones: 40x slower, measured);
 # x is rounded to bf16 on the way in and the result returned in fp32.
@@ -38,6 +39,7 @@ def int4_supported(weight: torch.Tensor) -> bool:
         weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.shape[1] % GROUP == 0
+        and weight.shape[0] % 16 == 0  # the torch packing's N tiles
         and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     )
 
@@ -88,12 +90,17 @@ class Int4Weight:
     kind = "int4"
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.backend = "native" if native_library() is not None else "torch"
+        codes, scale, zero = _group_codes(weight)
+        low = zero - 8 * scale
+        # fp16 holds the scales and mins to 11 bits only between its smallest normal number
+        # and its largest: a weight outside that range keeps the torch kernel's bf16 ones.
+        fits_fp16 = bool(scale.min() >= FP16_SMALLEST_NORMAL and low.abs().max() < FP16_LARGEST)
+        native = native_library() is not None and fits_fp16
+        self.backend = "native" if native else "torch"
         self._native: Q4Weights | None = None
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
-        if self.backend == "native":
-            codes, scale, zero = _group_codes(weight)
-            self._native = pack_q4(codes.reshape(weight.shape), scale, zero - 8 * scale)
+        if native:
+            self._native = pack_q4(codes.reshape(weight.shape), scale, low)
         else:
             self._packed = quantize_int4(weight)
 

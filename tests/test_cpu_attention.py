@@ -1,0 +1,51 @@
+"""The native decode attention (C kernel, blocks read in place) against the torch reference
+`torch_paged.decode_attention` on ragged batches with scattered block tables and GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thinfer.attention import torch_paged
+from thinfer.kernels.cpu_attention import native_decode_applies, native_decode_attention
+from thinfer.kernels.cpu_native import native_library
+
+pytestmark = pytest.mark.skipif(native_library() is None, reason="no native CPU kernels here")
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(6, 2), (4, 4)])
+def test_matches_the_torch_reference_on_a_ragged_batch(q_heads, kv_heads):
+    gen = torch.Generator().manual_seed(q_heads)
+    block_size, head_dim, num_blocks = 4, 16, 40
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    lengths = [1, 7, 4, 33, 16]  # one slot, partial blocks, whole blocks
+    order = torch.randperm(num_blocks, generator=gen)  # blocks scattered through the cache
+    width = max((n + block_size - 1) // block_size for n in lengths)
+    tables = torch.zeros(len(lengths), width, dtype=torch.long)
+    used = 0
+    for row, n in enumerate(lengths):
+        count = (n + block_size - 1) // block_size
+        tables[row, :count] = order[used : used + count]
+        used += count
+    q = torch.randn(len(lengths), q_heads, head_dim, generator=gen) * 3
+    context = torch.tensor(lengths)
+    assert native_decode_applies(q, k_cache)
+    got = native_decode_attention(q, k_cache, v_cache, tables, context, 0.25)
+    want = torch_paged.decode_attention(q, k_cache, v_cache, tables, context, max(lengths), 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_fp32_cpu_tensors_apply_and_bad_shapes_are_refused():
+    cache = torch.zeros(2, 4, 2, 8)
+    assert not native_decode_applies(torch.zeros(1, 4, 8, dtype=torch.float16), cache)
+    assert not native_decode_applies(torch.zeros(1, 4, 8), cache.half())
+    with pytest.raises(ValueError, match="decode attention"):
+        native_decode_attention(
+            torch.zeros(1, 3, 8),
+            cache,
+            cache,
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.ones(1, dtype=torch.long),
+            1.0,
+        )

@@ -1,0 +1,73 @@
+/* Decode attention over the paged KV cache in fp32, reading keys and values where they lie
+ * (no gathered copy): one query per sequence, q [B, Hq, D], attends to the first
+ * context_lens[b] slots of its blocks; a KV head serves Hq / Hkv query heads (GQA). The cache
+ * of a layer is [num_blocks, block_size, Hkv, D]; slot s of sequence b is in block
+ * block_tables[b, s / block_size] at offset s % block_size.
+ *
+ * Per (sequence, KV head), in parallel: the scores of its query heads over all slots, an
+ * exact softmax (max subtracted, expf), then the probability-weighted sum of the values.
+ * `thinfer.attention.torch_paged.decode_attention` is the torch reference.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float dot(const float *a, const float *b, int64_t len) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float sum = _mm_cvtss_f32(s);
+    for (; i < len; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64_t kv_heads,
+                            int64_t head_dim, const float *k_cache, const float *v_cache,
+                            int64_t block_size, const int64_t *block_tables, int64_t table_width,
+                            const int64_t *context_lens, float scale, float *out) {
+    const int64_t group = q_heads / kv_heads;
+#pragma omp parallel for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < seqs; b++) {
+        for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+            const int64_t length = context_lens[b];
+            const int64_t *table = block_tables + b * table_width;
+            float *scores = (float *)malloc(sizeof(float) * (size_t)(group * length));
+            for (int64_t s = 0; s < length; s++) {
+                const int64_t slot = table[s / block_size] * block_size + s % block_size;
+                const float *key = k_cache + (slot * kv_heads + kvh) * head_dim;
+                for (int64_t g = 0; g < group; g++) {
+                    const float *query = q + (b * q_heads + kvh * group + g) * head_dim;
+                    scores[g * length + s] = dot(query, key, head_dim) * scale;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *row = scores + g * length;
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < length; s++) top = fmaxf(top, row[s]);
+                for (int64_t s = 0; s < length; s++) {
+                    row[s] = expf(row[s] - top);
+                    total += row[s];
+                }
+                const float inverse = 1.0f / total;
+                for (int64_t s = 0; s < length; s++) row[s] *= inverse;
+                float *result = out + (b * q_heads + kvh * group + g) * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) result[d] = 0.0f;
+            }
+            for (int64_t s = 0; s < length; s++) {
+                const int64_t slot = table[s / block_size] * block_size + s % block_size;
+                const float *value = v_cache + (slot * kv_heads + kvh) * head_dim;
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = scores[g * length + s];
+                    float *result = out + (b * q_heads + kvh * group + g) * head_dim;
+                    for (int64_t d = 0; d < head_dim; d++) result[d] += p * value[d];
+                }
+            }
+            free(scores);
+        }
+    }
+}

@@ -1,0 +1,49 @@
+"""Decode attention over the paged KV cache on the C kernel of `cpu/decode_attention.c`:
+keys and values are read in their blocks, never gathered into a copy, and nothing is
+allocated per step beyond the output. fp32 CPU tensors only; `torch_paged.decode_attention`
+is the reference it matches within fp32 rounding (summation order, expf)."""
+
+from __future__ import annotations
+
+import torch
+
+from thinfer.kernels.cpu_native import native_library
+
+
+def native_decode_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """True when `native_decode_attention` can run these tensors here."""
+    return (
+        q.dtype == torch.float32
+        and k_cache.dtype == torch.float32
+        and q.device.type == "cpu"
+        and native_library() is not None
+    )
+
+
+def native_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached slots
+    (caches [num_blocks, block_size, Hkv, D], block_tables [B, W] int64) -> [B, Hq, D]."""
+    library = native_library()
+    if library is None:
+        raise RuntimeError("the native CPU kernels are unavailable here (see cpu_native)")
+    batch, q_heads, head_dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    if q_heads % kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(f"decode attention: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
+    q = q.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lengths = context_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    library.paged_decode_attention(
+        *(q.data_ptr(), batch, q_heads, kv_heads, head_dim),
+        *(k_cache.data_ptr(), v_cache.data_ptr(), block_size, tables.data_ptr(), tables.shape[1]),
+        *(lengths.data_ptr(), scale, out.data_ptr()),
+    )
+    return out
