@@ -10,8 +10,10 @@ weight [N, K] is cut into groups of `GROUP` (32) along K; a group stores 4-bit c
 The default model's GGUF is Q4_1, whose blocks are exactly this (32 values along K, a scale
 d and a min m, w = d * q + m): quantizing its dequantized weights recovers d and m from each
 block's min and max wherever the block uses codes 0 and 15, so int4 serves the file's own
-weights. The matmul runs on bf16 activations and bf16 scales (the kernel's fast path), so
-outputs differ from fp32 by bf16 rounding (~0.5% relative). lm_head gets int8 instead
+weights. `Int4Weight` runs the native q4 kernel where it builds (`thinfer.kernels.cpu_qgemm`:
+fp16 scale and min, int8 activations per 32 values, llama.cpp's Q4_1 x Q8_1 scheme; about
+2% output error on real activations, see docs/eval.md) and otherwise PyTorch's kernel on
+bf16 activations and bf16 scales (its fast path; ~0.5% relative error). lm_head gets int8 instead
 (`thinfer.models.int8`): SmolLM2's is tied to the embeddings, which the GGUF stores at
 higher precision (int4 put 16% error on its logits). The fp32 weights are kept. Measured on
 the dev machine (2 cores, batch 1): a [960, 576] projection 0.047 ms in fp32 vs 0.022 ms
