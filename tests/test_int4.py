@@ -71,12 +71,11 @@ def test_only_what_the_kernel_takes_is_quantized():
     assert not int4_supported(torch.zeros(8, 48)) and not int8_supported(torch.zeros(8, 40))
     x = torch.randn(3, 64)
     expected = F.linear(x, dequantize_int4_reference(model.proj.weight))
-    # the native kernels quantize activations to int8 (the torch ones round them to bf16)
-    assert (model.proj(x) - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert (model.proj(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
     assert model.odder.quantized is None
     x = torch.randn(3, 48)
     expected = F.linear(x, dequantize_int8_reference(model.odd.weight))
-    assert (model.odd(x) - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert (model.odd(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
     model.proj.unpack()  # editing weights drops the quantized copy
     assert model.proj.quantized is None
     assert quantize_linears(model, "int8") == 3

@@ -45,7 +45,7 @@ SIGNATURES = {
         *(_ptr, _ptr, _i64, _ptr, _i64),  # caches, block size, block tables and their width
         *(_ptr, _f32, _ptr),  # context lengths, scale, out
     ),
-    "q8_quantize": (_ptr, _i64, _i64, _ptr, _ptr, _ptr),
+    "q16_quantize": (_ptr, _i64, _i64, _ptr, _ptr, _ptr),
     "q4_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
     "q8_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
 }

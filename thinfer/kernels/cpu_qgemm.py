@@ -1,15 +1,19 @@
 """CPU quantized matmuls on the C kernels of `cpu/qgemm.c`, beside their torch references.
 
-y [M, N] = x [M, K] W^T (+ bias) with the activations quantized per group of 32 values along
-K to int8 (one fp32 scale and the fp32 sum per group, as llama.cpp's Q8_1) and W held as
+y [M, N] = x [M, K] W^T (+ bias) with W held as
 
 - q4 (`Q4Weights`): per group of 32 values of a row, 4-bit codes q in [0, 15] and an fp16
   (scale d, min m) pair, w = d * q + m: GGUF Q4_1's blocks, 5 bits per weight;
 - q8 (`q8_matmul`): int8 codes c in [-127, 127] and one fp32 scale s per row, w = s * c.
 
-The group dots are integer (exact); the result differs from the torch reference only by
-fp32 summation order. Against fp32 weights the error is the weights' quantization plus the
-activations' (a relative error of about 1/254 of each group's largest value).
+A single row (M = 1, a batch-1 decode step) quantizes the activations per group of 32 values
+along K to int16 (one fp32 scale, max|x| / 32767, and the fp32 sum per group: llama.cpp's
+Q8_1 with 16-bit codes, since 8 bits lose too much to the outlier channels of LLM
+activations) and runs exact integer group dots. From DEQUANTIZED_MIN_ROWS rows on, each
+weight row is widened to fp32 once and multiplied with the fp32 activations (the widening
+pays for itself over the rows). Either way the result differs from the torch reference only
+by fp32 summation order; against fp32 weights the error is the weights' quantization plus,
+for one row, the activations' (at most half of 1/32767 of each group's largest value).
 `native_library()` (`thinfer.kernels.cpu_native`) says whether the kernels run here.
 """
 
@@ -22,6 +26,7 @@ import torch
 from thinfer.kernels.cpu_native import native_library
 
 GROUP = 32
+DEQUANTIZED_MIN_ROWS = 2  # as in qgemm.c
 
 
 class Q4Weights(NamedTuple):
@@ -85,13 +90,13 @@ def _check(x: torch.Tensor, k: int, bias: torch.Tensor | None, n: int) -> torch.
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 codes [M, K], scales [M, K / 32], sums [M, K / 32]) of x [M, K] (in fp32)."""
+    """(int16 codes [M, K], scales [M, K / 32], sums [M, K / 32]) of x [M, K] (in fp32)."""
     x = _check(x, x.shape[-1], None, 0)
     m, k = x.shape
-    codes = torch.empty(m, k, dtype=torch.int8)
+    codes = torch.empty(m, k, dtype=torch.int16)
     scales = torch.empty(m, k // GROUP)
     sums = torch.empty(m, k // GROUP)
-    _call("q8_quantize", x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), sums.data_ptr())
+    _call("q16_quantize", x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), sums.data_ptr())
     return codes, scales, sums
 
 
@@ -149,16 +154,19 @@ def quantize_activations_reference(
     """Torch reference of `quantize_activations` (the same fp32 operations)."""
     m, k = x.shape
     groups = x.float().reshape(m, k // GROUP, GROUP)
-    scales = groups.abs().amax(-1) / 127.0
+    scales = groups.abs().amax(-1) / 32767.0
     inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
-    codes = torch.round(groups * inverse[..., None]).to(torch.int8)
+    codes = torch.round(groups * inverse[..., None]).clamp(-32767, 32767).to(torch.int16)
     return codes.reshape(m, k), scales, groups.sum(-1)
 
 
 def q4_matmul_reference(
     x: torch.Tensor, weights: Q4Weights, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Torch reference of `q4_matmul`: integer group dots, scaled and summed in fp32."""
+    """Torch reference of `q4_matmul`: integer group dots, scaled and summed in fp32 (one
+    row), or the fp32 matmul with the dequantized weight (more rows)."""
+    if x.shape[0] >= DEQUANTIZED_MIN_ROWS:
+        return torch.nn.functional.linear(x.float(), unpack_q4(weights), bias)
     n, k = weights.shape
     codes, scales, sums = quantize_activations_reference(x)
     packed = weights.codes.reshape(n, k // GROUP, GROUP // 2)
@@ -173,7 +181,10 @@ def q4_matmul_reference(
 def q8_matmul_reference(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Torch reference of `q8_matmul`."""
+    """Torch reference of `q8_matmul` (integer group dots for one row, fp32 for more)."""
+    if x.shape[0] >= DEQUANTIZED_MIN_ROWS:
+        out = (x.float() @ codes.float().t()) * scales
+        return out if bias is None else out + bias
     n, k = codes.shape
     x_codes, x_scales, _ = quantize_activations_reference(x)
     dots = torch.einsum(

@@ -26,6 +26,16 @@ static inline float dot(const float *a, const float *b, int64_t len) {
     return sum;
 }
 
+/* y += a * x over len values (x and y do not overlap). */
+static inline void axpy(float a, const float *restrict x, float *restrict y, int64_t len) {
+    const __m256 scale = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, _mm256_loadu_ps(x + i),
+                                                _mm256_loadu_ps(y + i)));
+    for (; i < len; i++) y[i] += a * x[i];
+}
+
 void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64_t kv_heads,
                             int64_t head_dim, const float *k_cache, const float *v_cache,
                             int64_t block_size, const int64_t *block_tables, int64_t table_width,
@@ -55,17 +65,15 @@ void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64
                 }
                 const float inverse = 1.0f / total;
                 for (int64_t s = 0; s < length; s++) row[s] *= inverse;
-                float *result = out + (b * q_heads + kvh * group + g) * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) result[d] = 0.0f;
             }
+            /* out rows of this KV head's query heads: the probability-weighted values */
+            float *result = out + (b * q_heads + kvh * group) * head_dim;
+            for (int64_t i = 0; i < group * head_dim; i++) result[i] = 0.0f;
             for (int64_t s = 0; s < length; s++) {
                 const int64_t slot = table[s / block_size] * block_size + s % block_size;
                 const float *value = v_cache + (slot * kv_heads + kvh) * head_dim;
-                for (int64_t g = 0; g < group; g++) {
-                    const float p = scores[g * length + s];
-                    float *result = out + (b * q_heads + kvh * group + g) * head_dim;
-                    for (int64_t d = 0; d < head_dim; d++) result[d] += p * value[d];
-                }
+                for (int64_t g = 0; g < group; g++)
+                    axpy(scores[g * length + s], value, result + g * head_dim, head_dim);
             }
             free(scores);
         }
