@@ -241,3 +241,30 @@ def test_int8_weight_matches_dequantized(m: int) -> None:
         assert _max_error(weight.matmul(x, b), expected) < QUANTIZATION_RTOL[weight.backend], (
             weight.backend
         )
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_f32_matmul_and_the_packed_linear_route(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native fp32 GEMV equals F.linear up to summation order; a packed Linear takes it up
+    to NATIVE_FP32_MAX_ROWS rows and oneDNN above, with the same result either way."""
+    from thinfer.kernels.cpu_qgemm import f32_matmul
+    from thinfer.models import linear
+    from thinfer.models.linear import NATIVE_FP32_MAX_ROWS, Linear
+
+    generator = torch.Generator().manual_seed(m)
+    layer = Linear(40, 30, bias=True)
+    layer.weight.data = torch.randn(30, 40, generator=generator)
+    layer.bias.data = torch.randn(30, generator=generator)
+    x = torch.randn(m, 40, generator=generator)
+    expected = F.linear(x, layer.weight, layer.bias)
+    assert _max_error(f32_matmul(x, layer.weight, layer.bias), expected) < SUMMATION_RTOL
+    assert layer.pack() and layer._native_fp32
+    calls: list[int] = []
+    monkeypatch.setattr(linear, "f32_matmul", lambda *args: calls.append(1) or f32_matmul(*args))
+    assert _max_error(layer(x), expected) < SUMMATION_RTOL
+    assert bool(calls) == (m <= NATIVE_FP32_MAX_ROWS)
+    with pytest.raises(ValueError, match="K % 8"):
+        f32_matmul(torch.randn(1, 12), torch.randn(3, 12), None)
+    with pytest.raises(ValueError, match="activations"):
+        f32_matmul(torch.randn(1, 16), torch.randn(3, 40), None)

@@ -48,6 +48,7 @@ SIGNATURES = {
     "q16_quantize": (_ptr, _i64, _i64, _ptr, _ptr, _ptr),
     "q4_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
     "q8_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
+    "f32_linear": (_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr),
 }
 
 

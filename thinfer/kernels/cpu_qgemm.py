@@ -194,3 +194,28 @@ def q8_matmul_reference(
     ).float()
     out = (dots * x_scales[:, None]).sum(-1) * scales
     return out if bias is None else out + bias
+
+
+def f32_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [M, N] = x [M, K] W^T (+ bias) for an fp32 weight [N, K] (K a multiple of 8), on the
+    fp32 tiles of the C kernel: a GEMV that streams the weights once, for decode batches."""
+    n, k = weight.shape
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or k % 8:
+        raise ValueError("f32_matmul needs a contiguous fp32 weight [N, K], K % 8 == 0")
+    x = x.to(torch.float32).contiguous()
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"expected activations [M, {k}], got {tuple(x.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"expected a contiguous bias [{n}], got {tuple(bias.shape)}")
+    out = torch.empty(x.shape[0], n)
+    _call(
+        "f32_linear",
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        weight.data_ptr(),
+        n,
+        _pointer(bias),
+        out.data_ptr(),
+    )
+    return out

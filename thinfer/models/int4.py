@@ -11,9 +11,9 @@ The default model's GGUF is Q4_1, whose blocks are exactly this (32 values along
 d and a min m, w = d * q + m): quantizing its dequantized weights recovers d and m from each
 block's min and max wherever the block uses codes 0 and 15, so int4 serves the file's own
 weights. `Int4Weight` runs the native q4 kernel where it builds (`thinfer.kernels.cpu_qgemm`:
-fp16 scale and min, int8 activations per 32 values, llama.cpp's Q4_1 x Q8_1 scheme; about
-2% output error on real activations, see docs/eval.md) and otherwise PyTorch's kernel on
-bf16 activations and bf16 scales (its fast path; ~0.5% relative error). lm_head gets int8 instead
+fp16 scale and min; int16 activations for one row, fp32 for more; output error ~1e-5 beyond
+the weights' own) and otherwise PyTorch's kernel on bf16 activations and bf16 scales (its
+fast path; ~0.5% relative error). lm_head gets int8 instead
 (`thinfer.models.int8`): SmolLM2's is tied to the embeddings, which the GGUF stores at
 higher precision (int4 put 16% error on its logits). The fp32 weights are kept. Measured on
 the dev machine (2 cores, batch 1): a [960, 576] projection 0.047 ms in fp32 vs 0.022 ms

@@ -58,8 +58,9 @@ def int8_linear(
 class Int8Weight:
     """A linear's weight [N, K] as int8 codes with one scale per row, with the fastest
     kernel this machine has: the native q8 kernel (`thinfer.kernels.cpu_qgemm`: fp32 scales,
-    int8 activations, K a multiple of 32; `backend` "native") where it loads and takes the
-    shape, else PyTorch's packed int8 kernel (bf16 scales and activations; "torch")."""
+    int16 activations for one row and fp32 for more, K a multiple of 32; `backend` "native")
+    where it loads and takes the shape, else PyTorch's packed int8 kernel (bf16 scales and
+    activations; "torch")."""
 
     kind = "int8"
 

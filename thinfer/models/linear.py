@@ -3,7 +3,9 @@
 On CPU in float32, oneDNN (mkldnn) runs a matmul against weights that were reordered once
 into its blocked layout about twice as fast as `F.linear` at decode batch sizes (measured on
 the dev machine: lm_head of SmolLM2 at 16 rows 23 ms -> 10 ms). `pack_linears(model)` does the
-reordering after loading; results differ from `F.linear` only by float32 summation order.
+reordering after loading; up to NATIVE_FP32_MAX_ROWS rows the native GEMV
+(`thinfer.kernels.cpu_qgemm.f32_matmul`) is faster still and runs instead where it builds.
+Results differ from `F.linear` only by float32 summation order.
 
 On a GPU, a dataflow table (`thinfer.kernels.gemm_dataflow`, set by `set_gemm_dataflow`)
 can route a layer's calls to the flat GEMM or the GEMV of `thinfer.kernels.flat_gemm` per
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinfer.kernels.cpu_native import native_library
+from thinfer.kernels.cpu_qgemm import f32_matmul
 from thinfer.kernels.gemm_dataflow import DataflowTable, load_table
 from thinfer.kernels.placement import runs_triton
 from thinfer.models.int4 import Int4Weight, int4_supported
@@ -23,6 +27,10 @@ from thinfer.models.int8 import Int8Weight, int8_supported
 from thinfer.models.invariant_linear import choose_tiles, plain_matmul, tiled_linear
 
 QUANTIZATIONS = ("int4", "int8")
+# Up to this many rows a packed CPU fp32 layer runs the native GEMV (`f32_matmul`: measured
+# on the dev machine over 30 SmolLM2 layers, 38 against oneDNN's 66 ms at 1 row, 70 against
+# 82 at 16); above it, oneDNN's blocked GEMM.
+NATIVE_FP32_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -33,6 +41,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
+        # Packed CPU fp32 layers: small batches on the native GEMV (`pack`).
+        self._native_fp32 = False
         # The kernel per batch size (`set_gemm_dataflow`); None: the paths below.
         self.dataflow: DataflowTable | None = None
         # Quantized weights (`quantize_linears`); None: fp32.
@@ -53,6 +63,8 @@ class Linear(nn.Module):
         if self.quantized is not None and x.dim() == 2 and x.dtype == torch.float32:
             return self.quantized.matmul(x, self.bias)
         if self._packed is not None and x.dim() == 2:
+            if self._native_fp32 and x.shape[0] <= NATIVE_FP32_MAX_ROWS:
+                return f32_matmul(x, self.weight, self.bias)
             return torch.ops.mkldnn._linear_pointwise(
                 x.contiguous(), self._packed, self.bias, "none", [], ""
             )
@@ -82,11 +94,17 @@ class Linear(nn.Module):
         except (RuntimeError, AttributeError):
             return False
         self._packed = packed
+        self._native_fp32 = (
+            native_library() is not None
+            and self.weight.is_contiguous()
+            and self.weight.shape[1] % 8 == 0
+        )
         return True
 
     def unpack(self) -> None:
         """Drop the packed and quantized copies (call after changing `weight`)."""
         self._packed = None
+        self._native_fp32 = False
         self.quantized = None
 
 
