@@ -1,6 +1,7 @@
 """Builds and loads the C kernels of `thinfer/kernels/cpu/`: the quantized matmuls
-(`qgemm.c`), the small per-layer ops (`layer_ops.c`) and the decode attention over the paged
-cache (`decode_attention.c`) of the CPU fast path.
+(`qgemm.c`), the fp32 GEMV (`fp32_gemv.c`), the small per-layer ops (`layer_ops.c`) and the
+decode attention over the paged cache (`decode_attention.c`) of the CPU fast path, with the
+vector helpers they share (`fp32_tiles.h`).
 
 The sources are compiled once per machine with the system C compiler (`cc`, or `$CC`) into a
 cache directory (`$THINFER_CACHE`, default `~/.cache/thinfer`) named after a hash of the
@@ -27,6 +28,7 @@ import threading
 from pathlib import Path
 
 SOURCES = tuple(sorted((Path(__file__).parent / "cpu").glob("*.c")))
+HEADERS = tuple(sorted((Path(__file__).parent / "cpu").glob("*.h")))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
@@ -77,7 +79,7 @@ def _compile(compiler: str) -> Path:
     not been compiled yet (written to a temporary name, then renamed: concurrent processes
     never load a half-written file)."""
     digest = hashlib.sha256(" ".join(FLAGS).encode() + compiler.encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     target = cache_dir() / f"thinfer-cpu-{digest.hexdigest()[:16]}.so"
     if target.exists():

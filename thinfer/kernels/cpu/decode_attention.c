@@ -13,18 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float dot(const float *a, const float *b, int64_t len) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float sum = _mm_cvtss_f32(s);
-    for (; i < len; i++) sum += a[i] * b[i];
-    return sum;
-}
+#include "fp32_tiles.h"
 
 /* y += a * x over len values (x and y do not overlap). */
 static inline void axpy(float a, const float *restrict x, float *restrict y, int64_t len) {
@@ -52,7 +41,7 @@ void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64
                 const float *key = k_cache + (slot * kv_heads + kvh) * head_dim;
                 for (int64_t g = 0; g < group; g++) {
                     const float *query = q + (b * q_heads + kvh * group + g) * head_dim;
-                    scores[g * length + s] = dot(query, key, head_dim) * scale;
+                    scores[g * length + s] = dot_floats(query, key, head_dim) * scale;
                 }
             }
             for (int64_t g = 0; g < group; g++) {

@@ -31,15 +31,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define GROUP 32
-#define ROWS_PER_TILE 4
+#include "fp32_tiles.h"
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#define GROUP 32
 
 /* x [M, K] -> xq [M, K] int16, xd [M, K / 32] scales, xs [M, K / 32] sums. */
 void q16_quantize(const float *x, int64_t m, int64_t k, int16_t *xq, float *xd, float *xs) {
@@ -86,16 +80,6 @@ static inline __m256i group_dot(__m256i w_first, __m256i w_second, const int16_t
     const __m256i x_second = _mm256_loadu_si256((const __m256i *)(xq + 16));
     return _mm256_add_epi32(_mm256_madd_epi16(w_first, x_first),
                             _mm256_madd_epi16(w_second, x_second));
-}
-
-static inline float dot_floats(const float *a, const float *b, int64_t len) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float sum = hsum(acc);
-    for (; i < len; i++) sum += a[i] * b[i];
-    return sum;
 }
 
 static inline void halfs_to_floats(const uint16_t *halfs, int64_t len, float *out) {
@@ -170,48 +154,9 @@ static inline void widen_q8_row(const int8_t *codes, int64_t k, float *out) {
     }
 }
 
-/* dots[j][r] = fp32 dot of weight row j [K] (of `w_rows` <= 2, `k` apart) with x row r, for
- * `rows` <= ROWS_PER_TILE rows of x [., K]: each x load serves both weight rows. */
-static inline void fp32_tile_dots(const float *w, int w_rows, const float *x, int64_t k,
-                                  int rows, float dots[2][ROWS_PER_TILE]) {
-    __m256 acc[2][ROWS_PER_TILE];
-    for (int j = 0; j < w_rows; j++)
-        for (int r = 0; r < rows; r++) acc[j][r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8) {
-        const __m256 first = _mm256_loadu_ps(w + i);
-        const __m256 second = w_rows > 1 ? _mm256_loadu_ps(w + k + i) : first;
-        for (int r = 0; r < rows; r++) {
-            const __m256 values = _mm256_loadu_ps(x + r * k + i);
-            acc[0][r] = _mm256_fmadd_ps(first, values, acc[0][r]);
-            if (w_rows > 1) acc[1][r] = _mm256_fmadd_ps(second, values, acc[1][r]);
-        }
-    }
-    for (int j = 0; j < w_rows; j++)
-        for (int r = 0; r < rows; r++) dots[j][r] = hsum(acc[j][r]);
-}
-
-static void fp32_tile(const float *w, int w_rows, const float *x, int64_t k, int rows,
-                      float dots[2][ROWS_PER_TILE]) {
-    if (w_rows == 2) {
-        switch (rows) {
-            case 4: fp32_tile_dots(w, 2, x, k, 4, dots); return;
-            case 3: fp32_tile_dots(w, 2, x, k, 3, dots); return;
-            case 2: fp32_tile_dots(w, 2, x, k, 2, dots); return;
-            default: fp32_tile_dots(w, 2, x, k, 1, dots); return;
-        }
-    }
-    switch (rows) {
-        case 4: fp32_tile_dots(w, 1, x, k, 4, dots); return;
-        case 3: fp32_tile_dots(w, 1, x, k, 3, dots); return;
-        case 2: fp32_tile_dots(w, 1, x, k, 2, dots); return;
-        default: fp32_tile_dots(w, 1, x, k, 1, dots); return;
-    }
-}
-
-/* y [M, N] (+ bias) = x [M, K] times each weight row made fp32 once (`row_to_floats`, then
- * times `row_scale` when given): the path for M >= DEQUANTIZED_MIN_ROWS, where widening a
- * row once pays for itself over the M activation rows and fp32 activations need no
- * quantization. */
+/* From this many activation rows on, weight rows are widened to fp32 once and multiplied
+ * with the fp32 activations: the widening pays for itself over the rows, and fp32
+ * activations need no quantization. */
 #define DEQUANTIZED_MIN_ROWS 2
 
 /* x [M, K] fp32; codes [N, K / 2], dm [N, 2, K / 32] fp16 (the row's scales, then its mins),
@@ -319,27 +264,4 @@ void q8_linear(const float *x, int64_t m, int64_t k, const int8_t *codes, const 
         }
     }
     free(a.memory);
-}
-
-/* x [M, K] fp32; weight [N, K] fp32, bias [N] or NULL -> y [M, N]: the fp32 tiles above on
- * weights that need no widening (the batch-1 fp32 decode, where a GEMV streams the weights
- * once). */
-void f32_linear(const float *x, int64_t m, int64_t k, const float *weight, int64_t n,
-                const float *bias, float *y) {
-#pragma omp parallel
-    {
-        float dots[2][ROWS_PER_TILE];
-#pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < (n + 1) / 2; pair++) {
-            const int64_t row = 2 * pair;
-            const int w_rows = row + 1 < n ? 2 : 1;
-            for (int64_t first = 0; first < m; first += ROWS_PER_TILE) {
-                const int rows = m - first < ROWS_PER_TILE ? (int)(m - first) : ROWS_PER_TILE;
-                fp32_tile(weight + row * k, w_rows, x + first * k, k, rows, dots);
-                for (int j = 0; j < w_rows; j++)
-                    for (int r = 0; r < rows; r++)
-                        y[(first + r) * n + row + j] = dots[j][r] + (bias ? bias[row + j] : 0);
-            }
-        }
-    }
 }
