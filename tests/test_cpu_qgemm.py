@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,15 +191,24 @@ _DISABLED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_native_kernels_disabled_by_env() -> None:
-    env = {**os.environ, "THINFER_NATIVE_KERNELS": "0"}
+@pytest.mark.parametrize("cause", ["disabled", "compiler fails"])
+def test_without_native_kernels_the_torch_kernels_serve(cause: str, tmp_path: Path) -> None:
+    """THINFER_NATIVE_KERNELS=0, or a compiler that fails (a fresh cache, so it must build):
+    no library, a reason that says why, and Int4Weight on PyTorch's kernel."""
+    if cause == "disabled":
+        env, reason = {**os.environ, "THINFER_NATIVE_KERNELS": "0"}, "THINFER_NATIVE_KERNELS"
+    elif native_library() is None:
+        pytest.skip("no native CPU kernels here to fail building")
+    else:
+        env = {**os.environ, "CC": "false", "THINFER_CACHE": str(tmp_path)}
+        reason = "false failed on the CPU kernels"
     result = subprocess.run(
         [sys.executable, "-c", _DISABLED_SCRIPT], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["library"] is False
-    assert "THINFER_NATIVE_KERNELS" in report["reason"]
+    assert reason in report["reason"]
     assert report["backend"] == "torch"
     assert report["error"] < 1e-2
 
