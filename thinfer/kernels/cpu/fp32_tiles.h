@@ -1,6 +1,6 @@
-/* Shared by the CPU kernels: the horizontal sum of a vector, an fp32 dot, the fp32 dot tiles (up to 2
- * weight rows against up to ROWS_PER_TILE activation rows, each activation load serving both
- * weight rows; K a multiple of 8). */
+/* Shared by the CPU kernels: the horizontal sum of a vector, an fp32 dot, and the fp32 dot
+ * tiles (up to 2 weight rows against up to ROWS_PER_TILE activation rows, each activation
+ * load serving both weight rows; K a multiple of 8). */
 #ifndef THINFER_FP32_TILES_H
 #define THINFER_FP32_TILES_H
 
