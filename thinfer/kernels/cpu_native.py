@@ -121,6 +121,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
 def native_library() -> ctypes.CDLL | None:
     """The loaded kernel library, or None where it cannot run (see the module docstring)."""
     global _library, _reason, _loaded
+    if _loaded:  # the per-call path of every kernel: no lock once loaded
+        return _library
     with _lock:
         if not _loaded:
             _library, _reason = _load()

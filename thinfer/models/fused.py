@@ -31,6 +31,19 @@ if TYPE_CHECKING:
 Rotate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def in_place_rotation(
+    apply: Callable[..., None], rotary: RotaryEmbedding, positions: torch.Tensor
+) -> Rotate:
+    """The `Rotate` of a kernel that rotates q and k in place, called as
+    apply(q, k, positions, cos table, sin table)."""
+
+    def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        apply(q, k, positions, rotary.cos, rotary.sin)
+        return q, k
+
+    return rotate
+
+
 class LayerOps:
     """The torch implementation; also the interface `TritonLayerOps` overrides."""
 
@@ -95,13 +108,7 @@ class TritonLayerOps(LayerOps):
 
     def rotation(self, rotary: RotaryEmbedding, positions: torch.Tensor) -> Rotate:
         """Rotates q and k in place (views of the qkv projection are fine) and returns them."""
-        apply = self._rope.apply_rope_inplace
-
-        def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            apply(q, k, positions, rotary.cos, rotary.sin)
-            return q, k
-
-        return rotate
+        return in_place_rotation(self._rope.apply_rope_inplace, rotary, positions)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up in one kernel pass (float32 math, one rounding)."""
@@ -146,13 +153,7 @@ class NativeLayerOps(LayerOps):
         """Rotates q and k in place (views of the qkv projection are fine) and returns them."""
         if rotary.cos.dtype != torch.float32 or rotary.cos.device.type != "cpu":
             return super().rotation(rotary, positions)
-        apply = self._ops.rope_inplace
-
-        def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            apply(q, k, positions, rotary.cos, rotary.sin)
-            return q, k
-
-        return rotate
+        return in_place_rotation(self._ops.rope_inplace, rotary, positions)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up in one call."""
