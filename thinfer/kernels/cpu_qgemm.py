@@ -205,8 +205,10 @@ def f32_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     x = x.to(torch.float32).contiguous()
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"expected activations [M, {k}], got {tuple(x.shape)}")
-    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"expected a contiguous bias [{n}], got {tuple(bias.shape)}")
+    if bias is not None and (
+        bias.shape != (n,) or bias.dtype != torch.float32 or not bias.is_contiguous()
+    ):
+        raise ValueError(f"expected a contiguous fp32 bias [{n}], got {tuple(bias.shape)}")
     out = torch.empty(x.shape[0], n)
     _call(
         "f32_linear",
