@@ -80,16 +80,20 @@ def test_plan_decode_groups_splits_where_padding_costs_more_than_a_call():
 
 def test_torch_backend_plans_its_decode_groups_once_per_step(monkeypatch):
     """Two layers' calls on one step's metadata: the groups are planned once, from the
-    decodes' context lengths, and the output is the ungrouped attention's."""
+    decodes' context lengths, and the output is the ungrouped attention's. (The groups serve
+    the torch decodes; the native CPU kernel, off here, takes all decodes in one call and
+    gives the same output.)"""
     planned: list[list[int]] = []
+    native_applies = torch_paged.native_decode_applies
+    monkeypatch.setattr(torch_paged, "native_decode_applies", lambda q, k_cache: False)
 
     def recording(context_lens: list[int]) -> list[tuple[int, int]]:
         planned.append(list(context_lens))
         return plan_decode_groups(context_lens)
 
     monkeypatch.setattr(torch_paged, "plan_decode_groups", recording)
-    context_lens, query_lens = [3, 5, 600, 7], [1, 1, 1, 4]
-    meta = make_meta(context_lens, query_lens)
+    meta_args = context_lens, query_lens = [3, 5, 600, 7], [1, 1, 1, 4]
+    meta = make_meta(*meta_args)
     gen = torch.Generator().manual_seed(0)
     num_blocks = meta.block_tables.numel()
     k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, 2, 8, generator=gen) for _ in "kv")
@@ -102,6 +106,10 @@ def test_torch_backend_plans_its_decode_groups_once_per_step(monkeypatch):
         q[:3], k_cache, v_cache, meta.block_tables[:3], meta.context_lens[:3], 600, 0.3
     )
     torch.testing.assert_close(outs[0][:3], whole)
+    if native_applies(q, k_cache):
+        monkeypatch.setattr(torch_paged, "native_decode_applies", native_applies)
+        native = torch_paged.paged_attention(q, k_cache, v_cache, make_meta(*meta_args), 0.3)
+        torch.testing.assert_close(native, outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_triton_prefill_layout_is_the_backends_plan():
