@@ -19,7 +19,8 @@ from thinfer import LLM, SamplingParams
 from thinfer.attention.backend import TORCH_BACKEND
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.engine.kv_cache import KVCache
-from thinfer.models.fused import TORCH_OPS, TritonLayerOps, select_layer_ops
+from thinfer.kernels.cpu_native import native_library
+from thinfer.models.fused import TORCH_OPS, NativeLayerOps, TritonLayerOps, select_layer_ops
 from thinfer.models.rope import apply_rope
 
 HAS_CUDA = torch.cuda.is_available()
@@ -103,8 +104,11 @@ def unfused_forward(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache) -
 
 
 def test_layer_ops_follow_the_attention_backend(llm, triton_llm):
-    assert select_layer_ops("auto", TORCH_BACKEND, DEVICE) is TORCH_OPS
-    assert llm.engine.model.ops is TORCH_OPS
+    # torch attention: the native C ops on a CPU that builds them (tests/test_cpu_layer_ops.py)
+    native = DEVICE.type == "cpu" and native_library() is not None
+    auto = select_layer_ops("auto", TORCH_BACKEND, DEVICE)
+    assert isinstance(auto, NativeLayerOps) if native else auto is TORCH_OPS
+    assert type(llm.engine.model.ops) is type(auto)
     fused = triton_llm.engine.model
     assert isinstance(fused.ops, TritonLayerOps)
     for layer in fused.layers:
@@ -113,14 +117,20 @@ def test_layer_ops_follow_the_attention_backend(llm, triton_llm):
 
 @torch.inference_mode()
 def test_torch_path_is_bitwise_the_unfused_decoder(llm):
-    """The restructured residual flow changes nothing on the torch path."""
+    """The restructured residual flow changes nothing on the torch path (the layer ops set
+    to plain torch for the test: the engine's CPU default is the native ops)."""
     model = llm.engine.model
     param = next(model.parameters())
     ids = torch.tensor(llm.tokenizer.encode("The capital of France is Paris, and"))
     caches = [KVCache(model.config, 4, 16, param.dtype, param.device) for _ in range(2)]
     expected = unfused_forward(model, ids, caches[0])
     meta = prefill_meta(len(ids), caches[1])
-    hidden = model(ids, torch.arange(len(ids)), caches[1].layer_caches(), meta)
+    default_ops = model.ops
+    model.set_layer_ops(TORCH_OPS)
+    try:
+        hidden = model(ids, torch.arange(len(ids)), caches[1].layer_caches(), meta)
+    finally:
+        model.set_layer_ops(default_ops)
     assert torch.equal(hidden, expected)
     assert torch.equal(caches[1].storage, caches[0].storage)
 
