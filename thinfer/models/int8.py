@@ -35,12 +35,6 @@ def _row_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(weight.float() / scale[:, None]).clamp_(-127, 127), scale
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes [N, K], bf16 scales [N]) of a weight [N, K]."""
-    codes, scale = _row_codes(weight)
-    return codes.to(torch.int8).contiguous(), scale.to(COMPUTE_DTYPE)
-
-
 def dequantize_int8_reference(weight: torch.Tensor) -> torch.Tensor:
     """The weight the int8 codes stand for, in fp32 with fp32 scales (torch reference)."""
     codes, scale = _row_codes(weight)
