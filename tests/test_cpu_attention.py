@@ -13,13 +13,14 @@ from thinfer.kernels.cpu_native import native_library
 pytestmark = pytest.mark.skipif(native_library() is None, reason="no native CPU kernels here")
 
 
-@pytest.mark.parametrize("q_heads,kv_heads", [(6, 2), (4, 4)])
-def test_matches_the_torch_reference_on_a_ragged_batch(q_heads, kv_heads):
+# head sizes 64 and 128 take the register-held value sums, 12 the scalar fallback
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 12), (2, 1, 128)])
+def test_matches_the_torch_reference_on_a_ragged_batch(q_heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(q_heads)
-    block_size, head_dim, num_blocks = 4, 16, 40
+    block_size, num_blocks = 4, 40
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    lengths = [1, 7, 4, 33, 16]  # one slot, partial blocks, whole blocks
+    lengths = [1, 7, 4, 33, 16, 70]  # one slot, partial blocks, whole blocks, 3 chunks
     order = torch.randperm(num_blocks, generator=gen)  # blocks scattered through the cache
     width = max((n + block_size - 1) // block_size for n in lengths)
     tables = torch.zeros(len(lengths), width, dtype=torch.long)
