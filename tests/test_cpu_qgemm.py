@@ -38,7 +38,8 @@ needs_native = pytest.mark.skipif(
 )
 
 # (N, K): K = 320 has 10 groups, so the kernels' 8-wide loops over groups and their tails run.
-SHAPES = [(64, 64), (200, 192), (72, 320)]
+# N not a multiple of the 4-row weight blocks; K over one 256-value block
+SHAPES = [(64, 64), (202, 192), (71, 320)]
 # The kernel and its reference differ only in fp32 summation order.
 SUMMATION_RTOL = 1e-5
 # Against fp32 the int16 activations add at most 1/65534 of each group's largest value per
@@ -263,10 +264,10 @@ def test_f32_matmul_and_the_packed_linear_route(m: int, monkeypatch: pytest.Monk
     from thinfer.models.linear import NATIVE_FP32_MAX_ROWS, Linear
 
     generator = torch.Generator().manual_seed(m)
-    layer = Linear(40, 30, bias=True)
-    layer.weight.data = torch.randn(30, 40, generator=generator)
+    layer = Linear(264, 30, bias=True)  # K over one 256-value block, N not a multiple of 4
+    layer.weight.data = torch.randn(30, 264, generator=generator)
     layer.bias.data = torch.randn(30, generator=generator)
-    x = torch.randn(m, 40, generator=generator)
+    x = torch.randn(m, 264, generator=generator)
     expected = F.linear(x, layer.weight, layer.bias)
     assert _max_error(f32_matmul(x, layer.weight, layer.bias), expected) < SUMMATION_RTOL
     assert layer.pack() and layer._native_fp32

@@ -1,8 +1,8 @@
 /* Quantized matmuls for CPU decoding: y[M, N] = x[M, K] W^T (+ bias), AVX2 + FMA + F16C.
  *
- * From DEQUANTIZED_MIN_ROWS activation rows on, each pair of weight rows is widened to fp32
- * once and multiplied with the fp32 activations (four rows at a time, each activation load
- * serving both weight rows): the widening is paid once for all M rows. A single row (batch-1
+ * From DEQUANTIZED_MIN_ROWS activation rows on, each block of 4 weight rows is widened to
+ * fp32 once and multiplied with the fp32 activations (`block_product` of fp32_tiles.h): the
+ * widening is paid once for all M rows. A single row (batch-1
  * decode) instead quantizes its activations and runs integer dots, as follows.
  *
  * The activations are quantized first (q16_quantize): each group of 32 values along K gets
@@ -34,6 +34,7 @@
 #include "fp32_tiles.h"
 
 #define GROUP 32
+#define ROWS_PER_TILE 4 /* activation rows per integer tile */
 
 /* x [M, K] -> xq [M, K] int16, xd [M, K / 32] scales, xs [M, K / 32] sums. */
 void q16_quantize(const float *x, int64_t m, int64_t k, int16_t *xq, float *xd, float *xs) {
@@ -167,26 +168,21 @@ void q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, const
     if (m >= DEQUANTIZED_MIN_ROWS) {
 #pragma omp parallel
         {
-            float *row_values = (float *)malloc(sizeof(float) * (size_t)(2 * k + 2 * groups));
-            float *scales = row_values + 2 * k, *mins = scales + groups;
-            float dots[2][ROWS_PER_TILE];
+            float *row_values =
+                (float *)malloc(sizeof(float) * (size_t)(BLOCK_W_ROWS * k + 2 * groups));
+            float *scales = row_values + BLOCK_W_ROWS * k, *mins = scales + groups;
 #pragma omp for schedule(static)
-            for (int64_t pair = 0; pair < (n + 1) / 2; pair++) {
-                const int64_t row = 2 * pair;
-                const int w_rows = row + 1 < n ? 2 : 1;
+            for (int64_t block = 0; block < (n + BLOCK_W_ROWS - 1) / BLOCK_W_ROWS; block++) {
+                const int64_t row = BLOCK_W_ROWS * block;
+                const int w_rows = n - row < BLOCK_W_ROWS ? (int)(n - row) : BLOCK_W_ROWS;
                 for (int j = 0; j < w_rows; j++) {
                     halfs_to_floats(dm + (row + j) * groups * 2, groups, scales);
                     halfs_to_floats(dm + (row + j) * groups * 2 + groups, groups, mins);
                     dequantize_q4_row(codes + (row + j) * (k / 2), scales, mins, groups,
                                       row_values + j * k);
                 }
-                for (int64_t first = 0; first < m; first += ROWS_PER_TILE) {
-                    const int rows = m - first < ROWS_PER_TILE ? (int)(m - first) : ROWS_PER_TILE;
-                    fp32_tile(row_values, w_rows, x + first * k, k, rows, dots);
-                    for (int j = 0; j < w_rows; j++)
-                        for (int r = 0; r < rows; r++)
-                            y[(first + r) * n + row + j] = dots[j][r] + (bias ? bias[row + j] : 0);
-                }
+                block_product(row_values, k, w_rows, x, m, k, NULL, bias ? bias + row : NULL,
+                              y + row, n);
             }
             free(row_values);
         }
@@ -226,22 +222,15 @@ void q8_linear(const float *x, int64_t m, int64_t k, const int8_t *codes, const 
     if (m >= DEQUANTIZED_MIN_ROWS) {
 #pragma omp parallel
         {
-            float *row_values = (float *)malloc(sizeof(float) * (size_t)(2 * k));
-            float dots[2][ROWS_PER_TILE];
+            float *row_values = (float *)malloc(sizeof(float) * (size_t)(BLOCK_W_ROWS * k));
 #pragma omp for schedule(static)
-            for (int64_t pair = 0; pair < (n + 1) / 2; pair++) {
-                const int64_t row = 2 * pair;
-                const int w_rows = row + 1 < n ? 2 : 1;
+            for (int64_t block = 0; block < (n + BLOCK_W_ROWS - 1) / BLOCK_W_ROWS; block++) {
+                const int64_t row = BLOCK_W_ROWS * block;
+                const int w_rows = n - row < BLOCK_W_ROWS ? (int)(n - row) : BLOCK_W_ROWS;
                 for (int j = 0; j < w_rows; j++)
                     widen_q8_row(codes + (row + j) * k, k, row_values + j * k);
-                for (int64_t first = 0; first < m; first += ROWS_PER_TILE) {
-                    const int rows = m - first < ROWS_PER_TILE ? (int)(m - first) : ROWS_PER_TILE;
-                    fp32_tile(row_values, w_rows, x + first * k, k, rows, dots);
-                    for (int j = 0; j < w_rows; j++)
-                        for (int r = 0; r < rows; r++)
-                            y[(first + r) * n + row + j] =
-                                scales[row + j] * dots[j][r] + (bias ? bias[row + j] : 0);
-                }
+                block_product(row_values, k, w_rows, x, m, k, scales + row,
+                              bias ? bias + row : NULL, y + row, n);
             }
             free(row_values);
         }
