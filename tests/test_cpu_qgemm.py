@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from thinfer.kernels.cpu_native import native_library, native_unavailable_reason
 from thinfer.kernels.cpu_qgemm import (
     GROUP,
+    WHOLE_WEIGHT_MIN_ROWS,
     Q4Weights,
     pack_q4,
+    q4_dequantize,
     q4_matmul,
     q4_matmul_reference,
+    q8_dequantize,
     q8_matmul,
     q8_matmul_reference,
     quantize_activations,
@@ -86,7 +89,7 @@ def test_quantize_activations_matches_reference() -> None:
 
 @needs_native
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, WHOLE_WEIGHT_MIN_ROWS])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_q4_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
     generator = torch.Generator().manual_seed(n * k + m)
@@ -102,7 +105,7 @@ def test_q4_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
 
 @needs_native
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, WHOLE_WEIGHT_MIN_ROWS])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_q8_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
     generator = torch.Generator().manual_seed(n * k + m)
@@ -114,6 +117,17 @@ def test_q8_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
     assert _max_error(out, q8_matmul_reference(x, codes, scales, bias)) < SUMMATION_RTOL
     fp32 = x @ (codes.float() * scales[:, None]).T + (0 if bias is None else bias)
     assert _max_error(out, fp32) < QUANTIZATION_RTOL["native"]
+
+
+@needs_native
+def test_dequantize_matches_the_torch_unpacking() -> None:
+    """The whole-weight widening of prefill-sized products equals the reference unpacking
+    (up to one fused multiply-add's rounding)."""
+    generator = torch.Generator().manual_seed(3)
+    weights = _q4_weights(70, 96, generator)
+    torch.testing.assert_close(q4_dequantize(weights), unpack_q4(weights), rtol=1e-6, atol=1e-7)
+    codes, scales = _q8_weights(70, 96, generator)
+    torch.testing.assert_close(q8_dequantize(codes, scales), codes.float() * scales[:, None])
 
 
 def test_pack_unpack_q4_round_trip() -> None:

@@ -51,6 +51,8 @@ SIGNATURES = {
     "q4_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
     "q8_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
     "f32_linear": (_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr),
+    "q4_dequantize": (_ptr, _ptr, _i64, _i64, _ptr),
+    "q8_dequantize": (_ptr, _ptr, _i64, _i64, _ptr),
 }
 
 

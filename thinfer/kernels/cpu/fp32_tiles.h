@@ -54,31 +54,42 @@ static inline __m128 hsum_four(__m256 a, __m256 b, __m256 c, __m256 d) {
     return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
 }
 
-/* out[r] lanes j = dot of weight row w[j] and activation row x[r] over len values: twelve
- * accumulators in registers, seven loads per twelve fused multiply-adds. */
-static inline void tile_4x3(const float *const w[BLOCK_W_ROWS],
-                            const float *const x[BLOCK_X_ROWS], int64_t len,
-                            __m128 out[BLOCK_X_ROWS]) {
+/* out[r] lanes j = dot of weight row w[j] and activation row x[r] over len values, for
+ * `rows` <= BLOCK_X_ROWS activation rows: up to twelve accumulators in registers, seven
+ * loads per twelve fused multiply-adds. */
+static inline __attribute__((always_inline)) void tile_4xr(
+    const float *const w[BLOCK_W_ROWS], const float *const x[BLOCK_X_ROWS], int64_t len,
+    int rows, __m128 out[BLOCK_X_ROWS]) {
     __m256 acc[BLOCK_W_ROWS][BLOCK_X_ROWS];
     for (int j = 0; j < BLOCK_W_ROWS; j++)
-        for (int r = 0; r < BLOCK_X_ROWS; r++) acc[j][r] = _mm256_setzero_ps();
+        for (int r = 0; r < rows; r++) acc[j][r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < len; i += 8) {
         __m256 values[BLOCK_X_ROWS];
-        for (int r = 0; r < BLOCK_X_ROWS; r++) values[r] = _mm256_loadu_ps(x[r] + i);
+        for (int r = 0; r < rows; r++) values[r] = _mm256_loadu_ps(x[r] + i);
         for (int j = 0; j < BLOCK_W_ROWS; j++) {
             const __m256 weights = _mm256_loadu_ps(w[j] + i);
-            for (int r = 0; r < BLOCK_X_ROWS; r++)
+            for (int r = 0; r < rows; r++)
                 acc[j][r] = _mm256_fmadd_ps(weights, values[r], acc[j][r]);
         }
     }
-    for (int r = 0; r < BLOCK_X_ROWS; r++)
+    for (int r = 0; r < rows; r++)
         out[r] = hsum_four(acc[0][r], acc[1][r], acc[2][r], acc[3][r]);
+}
+
+/* The tile with a constant row count (a partial last tile computes no padding rows). */
+static inline void tile_4x(const float *const w[BLOCK_W_ROWS], const float *const x[BLOCK_X_ROWS],
+                           int64_t len, int rows, __m128 out[BLOCK_X_ROWS]) {
+    switch (rows) {
+        case 3: tile_4xr(w, x, len, 3, out); return;
+        case 2: tile_4xr(w, x, len, 2, out); return;
+        default: tile_4xr(w, x, len, 1, out); return;
+    }
 }
 
 /* y[r, j] = scale[j] * dot(weight row j, x row r) + bias[j], for the w_rows <= BLOCK_W_ROWS
  * fp32 weight rows at w (`ldw` apart, K values each) and all M rows of x [M, K]; y has rows
  * of n values and points at the block's first column; scale and bias may be NULL. Missing
- * weight / activation rows of a tile repeat the last one and are not written. */
+ * weight rows of a block repeat the last one and are not written. */
 static inline void block_product(const float *w, int64_t ldw, int w_rows, const float *x,
                                  int64_t m, int64_t k, const float *scale, const float *bias,
                                  float *y, int64_t n) {
@@ -87,13 +98,13 @@ static inline void block_product(const float *w, int64_t ldw, int w_rows, const 
         const float *rows_w[BLOCK_W_ROWS];
         for (int j = 0; j < BLOCK_W_ROWS; j++)
             rows_w[j] = w + (j < w_rows ? j : w_rows - 1) * ldw + start;
-        for (int64_t first = 0; first < m; first += BLOCK_X_ROWS) {
-            const int rows = m - first < BLOCK_X_ROWS ? (int)(m - first) : BLOCK_X_ROWS;
+        for (int64_t first = 0, rows; first < m; first += rows) {
+            /* tiles of 3 rows; 4 left make two of 2 rather than 3 + 1 */
+            rows = m - first == 4 ? 2 : (m - first < BLOCK_X_ROWS ? m - first : BLOCK_X_ROWS);
             const float *rows_x[BLOCK_X_ROWS];
-            for (int r = 0; r < BLOCK_X_ROWS; r++)
-                rows_x[r] = x + (first + (r < rows ? r : rows - 1)) * k + start;
+            for (int r = 0; r < rows; r++) rows_x[r] = x + (first + r) * k + start;
             __m128 out[BLOCK_X_ROWS];
-            tile_4x3(rows_w, rows_x, len, out);
+            tile_4x(rows_w, rows_x, len, (int)rows, out);
             for (int r = 0; r < rows; r++) {
                 float dots[4];
                 _mm_storeu_ps(dots, out[r]);

@@ -254,3 +254,33 @@ void q8_linear(const float *x, int64_t m, int64_t k, const int8_t *codes, const 
     }
     free(a.memory);
 }
+
+/* The fp32 weight [N, K] that q4 blocks stand for (for prefill-sized products, which run on
+ * torch's blocked GEMM instead of these tiles). */
+void q4_dequantize(const uint8_t *codes, const uint16_t *dm, int64_t n, int64_t k, float *out) {
+    const int64_t groups = k / GROUP;
+#pragma omp parallel
+    {
+        float *scales = (float *)malloc(sizeof(float) * (size_t)(2 * groups));
+        float *mins = scales + groups;
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < n; row++) {
+            halfs_to_floats(dm + row * groups * 2, groups, scales);
+            halfs_to_floats(dm + row * groups * 2 + groups, groups, mins);
+            dequantize_q4_row(codes + row * (k / 2), scales, mins, groups, out + row * k);
+        }
+        free(scales);
+    }
+}
+
+/* The fp32 weight [N, K] = scales[:, None] * codes of q8 rows (as q4_dequantize). */
+void q8_dequantize(const int8_t *codes, const float *scales, int64_t n, int64_t k, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n; row++) {
+        float *values = out + row * k;
+        widen_q8_row(codes + row * k, k, values);
+        const __m256 scale = _mm256_set1_ps(scales[row]);
+        for (int64_t i = 0; i < k; i += 8)
+            _mm256_storeu_ps(values + i, _mm256_mul_ps(scale, _mm256_loadu_ps(values + i)));
+    }
+}
