@@ -293,3 +293,18 @@ def test_f32_matmul_and_the_packed_linear_route(m: int, monkeypatch: pytest.Monk
         f32_matmul(torch.randn(1, 12), torch.randn(3, 12), None)
     with pytest.raises(ValueError, match="activations"):
         f32_matmul(torch.randn(1, 16), torch.randn(3, 40), None)
+
+
+@needs_native
+def test_zero_rows_give_an_empty_result() -> None:
+    """A step that samples nothing sends 0 rows to lm_head: each product returns [0, N]
+    without touching memory (this once wrote past the output and crashed the engine)."""
+    from thinfer.kernels.cpu_qgemm import f32_matmul
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.empty(0, 64)
+    weight = torch.randn(4096, 64, generator=generator)
+    assert f32_matmul(x, weight, None).shape == (0, 4096)
+    assert q4_matmul(x, _q4_weights(4096, 64, generator), None).shape == (0, 4096)
+    codes, scales = _q8_weights(4096, 64, generator)
+    assert q8_matmul(x, codes, scales, None).shape == (0, 4096)

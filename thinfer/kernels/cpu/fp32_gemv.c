@@ -8,6 +8,7 @@
  * widening). */
 void f32_linear(const float *x, int64_t m, int64_t k, const float *weight, int64_t n,
                 const float *bias, float *y) {
+    if (m <= 0) return; /* no rows (a step that samples nothing): nothing to write */
     if (m > 1) {
 #pragma omp parallel for schedule(static)
         for (int64_t block = 0; block < (n + BLOCK_W_ROWS - 1) / BLOCK_W_ROWS; block++) {

@@ -165,6 +165,7 @@ static inline void widen_q8_row(const int8_t *codes, int64_t k, float *out) {
 void q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, const uint16_t *dm,
                int64_t n, const float *bias, float *y) {
     const int64_t groups = k / GROUP;
+    if (m <= 0) return;
     if (m >= DEQUANTIZED_MIN_ROWS) {
 #pragma omp parallel
         {
@@ -219,6 +220,7 @@ void q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, const
 void q8_linear(const float *x, int64_t m, int64_t k, const int8_t *codes, const float *scales,
                int64_t n, const float *bias, float *y) {
     const int64_t groups = k / GROUP;
+    if (m <= 0) return;
     if (m >= DEQUANTIZED_MIN_ROWS) {
 #pragma omp parallel
         {
