@@ -135,7 +135,8 @@ void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64
     for (int64_t b = 0; b < seqs; b++) {
         for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
             const int64_t length = context_lens[b];
-            void *memory = malloc((sizeof(float) * (size_t)group + sizeof(int64_t)) * (size_t)length);
+            const size_t slot_bytes = sizeof(float) * (size_t)group + sizeof(int64_t);
+            void *memory = malloc(slot_bytes * (size_t)length); /* offsets, then scores */
             int64_t *offsets = (int64_t *)memory;
             float *scores = (float *)(offsets + length);
             slot_offsets(block_tables + b * table_width, block_size, kv_heads, kvh, head_dim,

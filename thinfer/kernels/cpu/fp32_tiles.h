@@ -1,5 +1,5 @@
-/* Shared by the CPU kernels: the horizontal sum of a vector, an fp32 dot, the fp32 dot
- * pair dots of the GEMV (2 weight rows against one activation row; K a multiple of 8), and
+/* Shared by the CPU kernels: the horizontal sum of a vector, an fp32 dot, the pair dots
+ * of the GEMV (2 weight rows against one activation row; K a multiple of 8), and
  * the block product of several activation rows (4 weight rows x 3 activation rows per tile,
  * K in L1-sized blocks). */
 #ifndef THINFER_FP32_TILES_H

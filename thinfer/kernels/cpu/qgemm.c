@@ -147,6 +147,14 @@ static inline void dequantize_q4_row(const uint8_t *codes, const float *scales, 
     }
 }
 
+/* Row `row` of q4 blocks as fp32 values [K] (`scratch` holds 2 * K / 32 floats). */
+static inline void widen_q4_row(const uint8_t *codes, const uint16_t *dm, int64_t row, int64_t k,
+                                float *scratch, float *out) {
+    const int64_t groups = k / GROUP;
+    halfs_to_floats(dm + row * groups * 2, 2 * groups, scratch); /* the scales, then the mins */
+    dequantize_q4_row(codes + row * (k / 2), scratch, scratch + groups, groups, out);
+}
+
 /* An int8 row as fp32 codes [K] (its scale applied to the dot afterwards). */
 static inline void widen_q8_row(const int8_t *codes, int64_t k, float *out) {
     for (int64_t i = 0; i < k; i += 8) {
@@ -171,17 +179,13 @@ void q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, const
         {
             float *row_values =
                 (float *)malloc(sizeof(float) * (size_t)(BLOCK_W_ROWS * k + 2 * groups));
-            float *scales = row_values + BLOCK_W_ROWS * k, *mins = scales + groups;
+            float *scratch = row_values + BLOCK_W_ROWS * k;
 #pragma omp for schedule(static)
             for (int64_t block = 0; block < (n + BLOCK_W_ROWS - 1) / BLOCK_W_ROWS; block++) {
                 const int64_t row = BLOCK_W_ROWS * block;
                 const int w_rows = n - row < BLOCK_W_ROWS ? (int)(n - row) : BLOCK_W_ROWS;
-                for (int j = 0; j < w_rows; j++) {
-                    halfs_to_floats(dm + (row + j) * groups * 2, groups, scales);
-                    halfs_to_floats(dm + (row + j) * groups * 2 + groups, groups, mins);
-                    dequantize_q4_row(codes + (row + j) * (k / 2), scales, mins, groups,
-                                      row_values + j * k);
-                }
+                for (int j = 0; j < w_rows; j++)
+                    widen_q4_row(codes, dm, row + j, k, scratch, row_values + j * k);
                 block_product(row_values, k, w_rows, x, m, k, NULL, bias ? bias + row : NULL,
                               y + row, n);
             }
@@ -197,8 +201,7 @@ void q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, const
         float dots[ROWS_PER_TILE];
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < n; row++) {
-            halfs_to_floats(dm + row * groups * 2, groups, scales);
-            halfs_to_floats(dm + row * groups * 2 + groups, groups, mins);
+            halfs_to_floats(dm + row * groups * 2, 2 * groups, scales); /* and the mins */
             const float b = bias ? bias[row] : 0.0f;
             for (int64_t first = 0; first < m; first += ROWS_PER_TILE) {
                 const int rows = m - first < ROWS_PER_TILE ? (int)(m - first) : ROWS_PER_TILE;
@@ -263,15 +266,11 @@ void q4_dequantize(const uint8_t *codes, const uint16_t *dm, int64_t n, int64_t 
     const int64_t groups = k / GROUP;
 #pragma omp parallel
     {
-        float *scales = (float *)malloc(sizeof(float) * (size_t)(2 * groups));
-        float *mins = scales + groups;
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * groups));
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < n; row++) {
-            halfs_to_floats(dm + row * groups * 2, groups, scales);
-            halfs_to_floats(dm + row * groups * 2 + groups, groups, mins);
-            dequantize_q4_row(codes + row * (k / 2), scales, mins, groups, out + row * k);
-        }
-        free(scales);
+        for (int64_t row = 0; row < n; row++)
+            widen_q4_row(codes, dm, row, k, scratch, out + row * k);
+        free(scratch);
     }
 }
 
