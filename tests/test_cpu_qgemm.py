@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from thinfer.kernels.cpu_native import native_library, native_unavailable_reason
+from thinfer.kernels.cpu_native import native_isa, native_library, native_unavailable_reason
+from thinfer.kernels.cpu_panels import panels_available
 from thinfer.kernels.cpu_qgemm import (
     GROUP,
     WHOLE_WEIGHT_MIN_ROWS,
@@ -28,6 +29,7 @@ from thinfer.kernels.cpu_qgemm import (
     q8_dequantize,
     q8_matmul,
     q8_matmul_reference,
+    q8_panels,
     quantize_activations,
     quantize_activations_reference,
     unpack_q4,
@@ -45,6 +47,8 @@ needs_native = pytest.mark.skipif(
 SHAPES = [(64, 64), (202, 192), (71, 320)]
 # The kernel and its reference differ only in fp32 summation order.
 SUMMATION_RTOL = 1e-5
+# "rows": the row-major blocks of qgemm.c; "panels": the AVX-512 build's panel products.
+LAYOUTS = ["rows", "panels"]
 # Against fp32 the int16 activations add at most 1/65534 of each group's largest value per
 # term; PyTorch's kernels (the fallback) round activations to bf16 instead.
 QUANTIZATION_RTOL = {"native": 1e-3, "torch": 2e-2}
@@ -87,13 +91,23 @@ def test_quantize_activations_matches_reference() -> None:
     assert codes[2, 70] == 32767 and codes.abs().max() <= 32767
 
 
+def _layout(layout: str) -> None:
+    if layout == "panels" and not panels_available():
+        pytest.skip(f"the panel products need the AVX-512 build (here: {native_isa()})")
+
+
 @needs_native
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 17, WHOLE_WEIGHT_MIN_ROWS])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_q4_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
+def test_q4_matmul(n: int, k: int, m: int, with_bias: bool, layout: str) -> None:
+    _layout(layout)
     generator = torch.Generator().manual_seed(n * k + m)
     weights = _q4_weights(n, k, generator)
+    if layout == "rows":
+        weights = weights._replace(panels=None)
+    assert (weights.panels is not None) == (layout == "panels")
     x = torch.randn(m, k, generator=generator)
     bias = torch.randn(n, generator=generator) if with_bias else None
     out = q4_matmul(x, weights, bias)
@@ -104,17 +118,21 @@ def test_q4_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 17, WHOLE_WEIGHT_MIN_ROWS])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_q8_matmul(n: int, k: int, m: int, with_bias: bool) -> None:
+def test_q8_matmul(n: int, k: int, m: int, with_bias: bool, layout: str) -> None:
+    _layout(layout)
     generator = torch.Generator().manual_seed(n * k + m)
     codes, scales = _q8_weights(n, k, generator)
+    panels = q8_panels(codes) if layout == "panels" else None
     x = torch.randn(m, k, generator=generator)
     bias = torch.randn(n, generator=generator) if with_bias else None
-    out = q8_matmul(x, codes, scales, bias)
+    out = q8_matmul(x, codes, scales, bias, panels)
     assert out.shape == (m, n) and out.dtype == torch.float32
-    assert _max_error(out, q8_matmul_reference(x, codes, scales, bias)) < SUMMATION_RTOL
+    reference = q8_matmul_reference(x, codes, scales, bias, panels)
+    assert _max_error(out, reference) < SUMMATION_RTOL
     fp32 = x @ (codes.float() * scales[:, None]).T + (0 if bias is None else bias)
     assert _max_error(out, fp32) < QUANTIZATION_RTOL["native"]
 
@@ -308,3 +326,5 @@ def test_zero_rows_give_an_empty_result() -> None:
     assert q4_matmul(x, _q4_weights(4096, 64, generator), None).shape == (0, 4096)
     codes, scales = _q8_weights(4096, 64, generator)
     assert q8_matmul(x, codes, scales, None).shape == (0, 4096)
+    if panels_available():
+        assert q8_matmul(x, codes, scales, None, q8_panels(codes)).shape == (0, 4096)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from thinfer.kernels.cpu_native import native_library
-from thinfer.kernels.cpu_qgemm import q8_matmul
+from thinfer.kernels.cpu_qgemm import q8_matmul, q8_panels
 
 COMPUTE_DTYPE = torch.bfloat16
 
@@ -64,9 +64,10 @@ class Int8Weight:
         self.backend = "native" if native else "torch"
         self._codes = codes.to(torch.int8).contiguous()
         self._scales = scale if native else scale.to(COMPUTE_DTYPE)
+        self._panels = q8_panels(self._codes) if native else None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] W^T (+ bias), fp32 in and out."""
         if self.backend == "native":
-            return q8_matmul(x, self._codes, self._scales, bias)
+            return q8_matmul(x, self._codes, self._scales, bias, self._panels)
         return int8_linear(x, self._codes, self._scales, bias)

@@ -129,6 +129,21 @@ static void tile(const void *w_row, int q4, const int16_t *xq, int64_t k, const 
 }
 
 /* A q4 row as fp32 values [K]: w = d * q + m per group. */
+#ifdef __AVX512F__
+static inline void dequantize_q4_row(const uint8_t *codes, const float *scales, const float *mins,
+                                     int64_t groups, float *out) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t g = 0; g < groups; g++) {
+        const __m128i packed = _mm_loadu_si128((const __m128i *)(codes + g * 16));
+        const __m512 d = _mm512_set1_ps(scales[g]), m = _mm512_set1_ps(mins[g]);
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, mask)));
+        const __m512 high = _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), mask)));
+        _mm512_storeu_ps(out + g * GROUP, _mm512_fmadd_ps(low, d, m));
+        _mm512_storeu_ps(out + g * GROUP + 16, _mm512_fmadd_ps(high, d, m));
+    }
+}
+#else
 static inline void dequantize_q4_row(const uint8_t *codes, const float *scales, const float *mins,
                                      int64_t groups, float *out) {
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -146,6 +161,7 @@ static inline void dequantize_q4_row(const uint8_t *codes, const float *scales, 
         }
     }
 }
+#endif
 
 /* Row `row` of q4 blocks as fp32 values [K] (`scratch` holds 2 * K / 32 floats). */
 static inline void widen_q4_row(const uint8_t *codes, const uint16_t *dm, int64_t row, int64_t k,
