@@ -35,6 +35,12 @@ def test_matches_the_torch_reference_on_a_ragged_batch(q_heads, kv_heads, head_d
     got = native_decode_attention(q, k_cache, v_cache, tables, context, 0.25)
     want = torch_paged.decode_attention(q, k_cache, v_cache, tables, context, max(lengths), 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the queries as a view of a fused projection's rows (read in place, not copied)
+    rows = torch.randn(len(lengths), q_heads * head_dim + 40, generator=gen)
+    rows[:, : q_heads * head_dim] = q.reshape(len(lengths), -1)
+    view = rows[:, : q_heads * head_dim].view(len(lengths), q_heads, head_dim)
+    assert not view.is_contiguous()
+    assert torch.equal(native_decode_attention(view, k_cache, v_cache, tables, context, 0.25), got)
 
 
 def test_only_fp32_cpu_tensors_apply_and_bad_shapes_are_refused():

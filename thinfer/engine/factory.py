@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thinfer.attention.backend import select_backend
+from thinfer.attention.backend import TORCH_BACKEND, select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
 from thinfer.engine.cpu_malloc import tune_malloc_for_decode
@@ -29,7 +29,7 @@ from thinfer.loading import load_checkpoint
 from thinfer.loading.tokenizer import Tokenizer
 from thinfer.models import build_model
 from thinfer.models.collectives import SINGLE_PROCESS, Collectives
-from thinfer.models.fused import select_layer_ops
+from thinfer.models.fused import NativeLayerOps, select_layer_ops
 from thinfer.models.linear import (
     QUANTIZATIONS,
     gemm_table,
@@ -180,6 +180,8 @@ def build_engine(
         set_gemm_dataflow(loaded.net, gemm_table(config.gemm_dataflow, dev))
     loaded.net.set_attention_backend(backend)
     loaded.net.set_layer_ops(ops)
+    # plain decode steps in one native call where the native layer ops run (CPU, fp32)
+    loaded.net.set_native_decoder(isinstance(ops, NativeLayerOps) and backend is TORCH_BACKEND)
     exchange = exchange or StepExchange()
     local = loaded.net.layout.local_config(loaded.config)  # this rank's KV heads
     num_blocks = config.num_kv_blocks or exchange.min_over_ranks(

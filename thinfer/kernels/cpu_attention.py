@@ -28,8 +28,9 @@ def native_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D], over its first context_lens[b] cached slots
-    (caches [num_blocks, block_size, Hkv, D], block_tables [B, W] int64) -> [B, Hq, D]."""
+    """One query per sequence, q [B, Hq, D] (rows may be strided: views of a fused
+    projection), over its first context_lens[b] cached slots (caches [num_blocks,
+    block_size, Hkv, D], block_tables [B, W] int64) -> [B, Hq, D]."""
     library = native_library()
     if library is None:
         raise RuntimeError("the native CPU kernels are unavailable here (see cpu_native)")
@@ -37,12 +38,13 @@ def native_decode_attention(
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     if q_heads % kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
         raise ValueError(f"decode attention: q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
-    q = q.contiguous()
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lengths = context_lens.to(torch.int64).contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty(batch, q_heads, head_dim)
     library.paged_decode_attention(
-        *(q.data_ptr(), batch, q_heads, kv_heads, head_dim),
+        *(q.data_ptr(), q.stride(0), batch, q_heads, kv_heads, head_dim),
         *(k_cache.data_ptr(), v_cache.data_ptr(), block_size, tables.data_ptr(), tables.shape[1]),
         *(lengths.data_ptr(), scale, out.data_ptr()),
     )

@@ -2,8 +2,8 @@
 
 Each function does in one native call what the torch path (`thinfer.models.fused.LayerOps`)
 does in several ops, with the same arithmetic up to fp32 summation order (RMSNorm) and the
-last bit of expf (SiLU); RoPE rounds exactly as the torch path. Inputs must be fp32 CPU
-tensors whose last dimension is contiguous; `native_library()` must have loaded
+last bits of exp (SiLU, within 2 ulp); RoPE rounds exactly as the torch path. Inputs must be
+fp32 CPU tensors whose last dimension is contiguous; `native_library()` must have loaded
 (`thinfer.kernels.cpu_native`).
 """
 

@@ -1,7 +1,9 @@
 """Builds and loads the C kernels of `thinfer/kernels/cpu/`: the quantized matmuls
-(`qgemm.c`), the fp32 GEMV (`fp32_gemv.c`), the small per-layer ops (`layer_ops.c`) and the
-decode attention over the paged cache (`decode_attention.c`) of the CPU fast path, with the
-vector helpers they share (`fp32_tiles.h`).
+(`qgemm.c`, and `panel_products.c` in the AVX-512 build), the fp32 GEMV (`fp32_gemv.c`), the
+small per-layer ops (`layer_ops.c`), the decode attention over the paged cache
+(`decode_attention.c`) and the whole decode step that chains them (`decoder_stack.c`) of the
+CPU fast path, with the helpers they share (`fp32_tiles.h`, `vector_exp.h`) and their
+prototypes (`kernels.h`).
 
 The sources are compiled once per machine with the system C compiler (`cc`, or `$CC`) into a
 cache directory (`$THINFER_CACHE`, default `~/.cache/thinfer`) named after a hash of the
@@ -58,7 +60,7 @@ SIGNATURES = {
     "rope": (_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr),
     "silu_mul": (_ptr, _i64, _i64, _ptr),
     "paged_decode_attention": (
-        *(_ptr, _i64, _i64, _i64, _i64),  # q, seqs, q heads, kv heads, head dim
+        *(_ptr, _i64, _i64, _i64, _i64, _i64),  # q, its row stride, seqs, q/kv heads, head dim
         *(_ptr, _ptr, _i64, _ptr, _i64),  # caches, block size, block tables and their width
         *(_ptr, _f32, _ptr),  # context lengths, scale, out
     ),
@@ -68,6 +70,10 @@ SIGNATURES = {
     "f32_linear": (_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr),
     "q4_dequantize": (_ptr, _ptr, _i64, _i64, _ptr),
     "q8_dequantize": (_ptr, _ptr, _i64, _i64, _ptr),
+    "decoder_stack": (
+        *(_ptr, _i64, _ptr, _ptr),  # stack, tokens, hidden, positions
+        *(_ptr, _ptr, _i64, _ptr),  # slots, block tables and their width, context lengths
+    ),
 }
 # Only in the AVX-512 build (`panel_products.c`).
 AVX512_SIGNATURES = {

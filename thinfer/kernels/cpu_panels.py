@@ -26,7 +26,7 @@ class Q4Panels(NamedTuple):
     """A q4 weight [N, K] in panels (see `cpu/panel_products.c`)."""
 
     codes: torch.Tensor  # uint8 [ceil(N / 16), K / 2, 16]: values 2i | 2i + 1 << 4 of each row
-    factors: torch.Tensor  # float32 [ceil(N / 16), K / 32, 2, 16]: scales, then mins
+    factors: torch.Tensor  # float16 [ceil(N / 16), K / 32, 2, 16]: scales, then mins
     rows: int  # N
 
 
@@ -45,11 +45,11 @@ def _pad_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def pack_q4_panels(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Q4Panels:
     """Panels of q4 codes [N, K] in [0, 15] with scales and mins [N, K / 32] (w = d * q + m;
-    the scales and mins in fp32, as given)."""
+    the scales and mins rounded to fp16, as in `Q4Weights`)."""
     n, k = codes.shape
     values = _pad_rows(codes.to(torch.uint8)).reshape(-1, PANEL, k // 2, 2)
     lines = (values[..., 0] | (values[..., 1] << 4)).permute(0, 2, 1).contiguous()
-    factors = torch.stack([_pad_rows(scales.float()), _pad_rows(mins.float())], dim=1)
+    factors = torch.stack([_pad_rows(scales), _pad_rows(mins)], dim=1).to(torch.float16)
     factors = factors.reshape(-1, PANEL, 2, k // GROUP).permute(0, 3, 2, 1).contiguous()
     return Q4Panels(lines, factors, n)
 

@@ -70,8 +70,8 @@ def pack_q4(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> Q4
     packed = groups[..., : GROUP // 2] | (groups[..., GROUP // 2 :] << 4)
     scales_mins = torch.stack([scales, mins], dim=1).to(torch.float16)
     panels = None
-    if panels_available():  # from the fp16 scales and mins: the same weights as the blocks
-        panels = pack_q4_panels(codes, scales_mins[:, 0].float(), scales_mins[:, 1].float())
+    if panels_available():
+        panels = pack_q4_panels(codes, scales_mins[:, 0], scales_mins[:, 1])
     return Q4Weights(packed.reshape(n, k // 2).contiguous(), scales_mins.contiguous(), panels)
 
 

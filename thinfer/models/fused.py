@@ -121,7 +121,7 @@ class NativeLayerOps(LayerOps):
     torch path's many small ops cost more in dispatch than in arithmetic.
 
     Numerics: RoPE rounds exactly as the torch path; add + norm differs by fp32 summation
-    order, silu-multiply by the last bit of expf.
+    order, silu-multiply by the last bits of exp (2 ulp).
     """
 
     name = "native"

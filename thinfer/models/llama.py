@@ -21,6 +21,7 @@ from thinfer.models.collectives import SINGLE_PROCESS, Collectives
 from thinfer.models.fused import TORCH_OPS, LayerOps, Rotate
 from thinfer.models.linear import Linear, unpack_linears
 from thinfer.models.llama_names import expected_tensor_names, parameter_for
+from thinfer.models.native_stack import NativeDecoderStack, Unsupported
 from thinfer.models.norm import RMSNorm
 from thinfer.models.rope import RotaryEmbedding
 from thinfer.models.shards import ShardLayout, full_layout, layer_layout, shard_tensor
@@ -189,6 +190,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.attention_backend: AttentionBackend = TORCH_BACKEND
         self.ops: LayerOps = TORCH_OPS
+        # Decode steps in one native call (`set_native_decoder`); None: layer by layer.
+        self.native_stack: NativeDecoderStack | None = None
         self.to(dtype=dtype, device=device)
 
     def forward(
@@ -200,6 +203,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Flat input_ids/positions [T] -> normed hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
+        stack = self.native_stack
+        if stack is not None and stack.applies(meta, input_ids.shape[0]):
+            return stack.run(x, positions, kv_caches, meta)
         rotate = self.ops.rotation(self.rotary_emb, positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -208,17 +214,34 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.norm)[0]
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
-        """Make every layer write and read its KV cache through `backend`."""
+        """Make every layer write and read its KV cache through `backend` (and drop the
+        native decoder: `set_native_decoder` again after)."""
         self.attention_backend = backend
+        self.native_stack = None
         for layer in self.layers:
             layer.self_attn.backend = backend
 
     def set_layer_ops(self, ops: LayerOps) -> None:
         """Run every layer's small ops (add + norm, RoPE, SiLU-multiply) through `ops`: plain
-        torch or the fused kernels (`thinfer.models.fused.select_layer_ops`)."""
+        torch or the fused kernels (`thinfer.models.fused.select_layer_ops`), and drop the
+        native decoder (`set_native_decoder` again after)."""
         self.ops = ops
+        self.native_stack = None
         for layer in self.layers:
             layer.ops = layer.mlp.ops = ops
+
+    def set_native_decoder(self, enabled: bool) -> str | None:
+        """Run plain decode steps in one native call (`thinfer.models.native_stack`) when
+        `enabled` and the model allows it, with the weights as they are now; returns why
+        not (None when it runs). Call it after anything that changes the weights."""
+        self.native_stack = None
+        if not enabled:
+            return "disabled"
+        try:
+            self.native_stack = NativeDecoderStack(self)
+        except Unsupported as reason:
+            return str(reason)
+        return None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> logits [N, vocab] (on every rank)."""
@@ -231,6 +254,7 @@ class LlamaForCausalLM(nn.Module):
         minutes on the CPU), so the same seed gives other values on a GPU than on the CPU.
         """
         unpack_linears(self)
+        self.native_stack = None
         generators: dict[torch.device, torch.Generator] = {}
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -249,6 +273,7 @@ class LlamaForCausalLM(nn.Module):
         is read (a rank holds one whole checkpoint tensor at most, never the whole model);
         every parameter must be covered."""
         unpack_linears(self)
+        self.native_stack = None
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in tensors:

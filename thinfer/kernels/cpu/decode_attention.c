@@ -1,5 +1,6 @@
 /* Decode attention over the paged KV cache in fp32, reading keys and values where they lie
- * (no gathered copy): one query per sequence, q [B, Hq, D], attends to the first
+ * (no gathered copy): one query per sequence, q [B, Hq, D] (rows `q_row_stride` floats
+ * apart: views of a fused qkv projection are fine), attends to the first
  * context_lens[b] slots of its blocks; a KV head serves Hq / Hkv query heads (GQA). The cache
  * of a layer is [num_blocks, block_size, Hkv, D]; slot s of sequence b is in block
  * block_tables[b, s / block_size] at offset s % block_size.
@@ -19,6 +20,8 @@
 #include <stdlib.h>
 
 #include "fp32_tiles.h"
+#include "kernels.h"
+#include "vector_exp.h"
 
 #define PREFETCH_SLOTS 8
 #define CHUNK 32
@@ -64,28 +67,6 @@ static inline void weighted_values(const float *v_cache, const int64_t *offsets,
         for (int64_t i = 0; i < head_dim; i++) result[i] += p[s] * v_cache[offsets[s] + i];
 }
 
-/* e^x for 8 values (x <= 88.37): Cephes' expf (x = n ln2 + r, a degree-5 polynomial in r,
- * 2^n through the exponent bits), within 2 ulp of expf; below -87.3 it returns ~1e-38
- * instead of 0, far below what a softmax weight of one slot can matter. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)),
-                      _mm256_set1_ps(-87.3365447504f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i exponent = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
-}
-
 /* row[s] = exp(row[s] - top) / sum over the row, in place */
 static void softmax_row(float *row, int64_t length) {
     float top = -INFINITY, total = 0.0f;
@@ -124,10 +105,11 @@ static inline __m256 eight_dots(const float *query, const float *const keys[8], 
                          _mm256_permute2f128_ps(quads0, quads1, 0x31));
 }
 
-void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64_t kv_heads,
-                            int64_t head_dim, const float *k_cache, const float *v_cache,
-                            int64_t block_size, const int64_t *block_tables, int64_t table_width,
-                            const int64_t *context_lens, float scale, float *out) {
+void paged_decode_attention(const float *q, int64_t q_row_stride, int64_t seqs, int64_t q_heads,
+                            int64_t kv_heads, int64_t head_dim, const float *k_cache,
+                            const float *v_cache, int64_t block_size, const int64_t *block_tables,
+                            int64_t table_width, const int64_t *context_lens, float scale,
+                            float *out) {
     const int64_t group = q_heads / kv_heads;
     const int vector_keys = head_dim % 8 == 0;
     const __m256 scaling = _mm256_set1_ps(scale);
@@ -150,14 +132,14 @@ void paged_decode_attention(const float *q, int64_t seqs, int64_t q_heads, int64
                         prefetch_row(k_cache + offsets[s + j + PREFETCH_SLOTS], head_dim);
                 }
                 for (int64_t g = 0; g < group; g++) {
-                    const float *query = q + (b * q_heads + kvh * group + g) * head_dim;
+                    const float *query = q + b * q_row_stride + (kvh * group + g) * head_dim;
                     _mm256_storeu_ps(scores + g * length + s,
                                      _mm256_mul_ps(eight_dots(query, keys, head_dim), scaling));
                 }
             }
             for (; s < length; s++) {
                 for (int64_t g = 0; g < group; g++) {
-                    const float *query = q + (b * q_heads + kvh * group + g) * head_dim;
+                    const float *query = q + b * q_row_stride + (kvh * group + g) * head_dim;
                     scores[g * length + s] =
                         dot_floats(query, k_cache + offsets[s], head_dim) * scale;
                 }

@@ -3,6 +3,7 @@
  * takes pairs of weight rows, more take blocks of 4 (`block_product`), split across the
  * OpenMP threads. */
 #include "fp32_tiles.h"
+#include "kernels.h"
 
 /* x [M, K] fp32; weight [N, K] fp32, bias [N] or NULL -> y [M, N] (weights that need no
  * widening). */

@@ -12,7 +12,7 @@
  * N is padded to a multiple of 16 with zero rows, whose outputs are not written.
  *
  *   q4 panels: codes [N / 16, K / 2, 16] bytes (byte j of line i: row j's value 2i in its low
- *   nibble and 2i + 1 in its high nibble) and factors [N / 16, K / 32, 2, 16] fp32 (the
+ *   nibble and 2i + 1 in its high nibble) and factors [N / 16, K / 32, 2, 16] fp16 (the
  *   panel rows' scales d, then their mins m, per group of 32 values): w = d * q + m.
  *   q8 panels: codes [N / 16, K, 16] int8 (byte j of line k: row j's code at k); the rows'
  *   scales [N] stay as they are, applied to the sums.
@@ -24,6 +24,8 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #include <stdint.h>
+
+#include "kernels.h"
 
 #define PANEL 16
 #define TILE_ROWS 16
@@ -42,13 +44,14 @@ static inline void store_panel(const __m512 acc[TILE_ROWS], int rows, int column
 
 /* acc[r] = the 16 dots of activation row r (of `rows`, k apart) with a q4 panel */
 static inline __attribute__((always_inline)) void q4_panel_tile(
-    const uint8_t *codes, const float *factors, const float *x, int64_t k, int rows,
+    const uint8_t *codes, const uint16_t *factors, const float *x, int64_t k, int rows,
     __m512 acc[TILE_ROWS]) {
     const __m128i mask = _mm_set1_epi8(0x0F);
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < k / GROUP; g++) {
-        const __m512 d = _mm512_loadu_ps(factors + g * 2 * PANEL);
-        const __m512 m = _mm512_loadu_ps(factors + g * 2 * PANEL + PANEL);
+        const uint16_t *halfs = factors + g * 2 * PANEL;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)halfs));
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(halfs + PANEL)));
         for (int64_t line = g * GROUP / 2; line < (g + 1) * GROUP / 2; line++) {
             const __m128i packed = _mm_loadu_si128((const __m128i *)(codes + line * PANEL));
             const __m128i low = _mm_and_si128(packed, mask);
@@ -98,7 +101,7 @@ static inline __attribute__((always_inline)) void q8_panel_tile(const int8_t *co
         default: CALL(1); break;                                                               \
     }
 
-static void q4_tile(const uint8_t *codes, const float *factors, const float *x, int64_t k,
+static void q4_tile(const uint8_t *codes, const uint16_t *factors, const float *x, int64_t k,
                     int rows, __m512 acc[TILE_ROWS]) {
 #define Q4_TILE(R) q4_panel_tile(codes, factors, x, k, R, acc)
     ROW_CASES(Q4_TILE)
@@ -119,11 +122,11 @@ static inline int panel_columns(int64_t panel, int64_t n) {
 
 /* x [M, K] fp32; q4 panels (codes, factors) of W [N, K]; bias [N] or NULL -> y [M, N]. */
 void q4_panel_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes,
-                     const float *factors, int64_t n, const float *bias, float *y) {
+                     const uint16_t *factors, int64_t n, const float *bias, float *y) {
 #pragma omp parallel for schedule(static)
     for (int64_t panel = 0; panel < (n + PANEL - 1) / PANEL; panel++) {
         const uint8_t *panel_codes = codes + panel * (k / 2) * PANEL;
-        const float *panel_factors = factors + panel * (k / GROUP) * 2 * PANEL;
+        const uint16_t *panel_factors = factors + panel * (k / GROUP) * 2 * PANEL;
         for (int64_t first = 0; first < m; first += TILE_ROWS) {
             const int rows = m - first < TILE_ROWS ? (int)(m - first) : TILE_ROWS;
             __m512 acc[TILE_ROWS];

@@ -32,6 +32,7 @@
 #include <stdlib.h>
 
 #include "fp32_tiles.h"
+#include "kernels.h"
 
 #define GROUP 32
 #define ROWS_PER_TILE 4 /* activation rows per integer tile */
