@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from thinfer.bench.prompts import bench_prompts
 from thinfer.cli import main
+from thinfer.kernels.cpu_native import native_isa
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,8 @@ def _only(tmp_path, prefix):
     data = json.loads(jsons[0].read_text())
     assert data["machine"]["cpu_count"] >= 1
     assert data["machine"]["torch"]
+    kernels = data["machine"]["cpu_native_kernels"]  # the build that ran, or why none
+    assert kernels == native_isa() or (native_isa() is None and kernels.startswith("none ("))
     assert data["timestamp_utc"]
     assert isinstance(data["command"], list)
     return data

@@ -10,15 +10,27 @@ from importlib import metadata
 import torch
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.lower().startswith("model name"):
+                if line.split(":", 1)[0].strip().lower() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _native_kernels() -> str:
+    """The build of thinfer's native CPU kernels that runs here, or why none does."""
+    from thinfer.kernels.cpu_native import native_isa, native_unavailable_reason
+
+    return native_isa() or f"none ({native_unavailable_reason()})"
 
 
 def _meminfo_gib(field: str) -> float | None:
@@ -47,6 +59,8 @@ def machine_info() -> dict[str, object]:
         usable = os.cpu_count()
     info: dict[str, object] = {
         "cpu_model": _cpu_model(),
+        "cpu_family": _cpuinfo("cpu family"),  # with cpu_model: which generation ran
+        "cpu_native_kernels": _native_kernels(),
         "cpu_count": os.cpu_count(),
         "cpu_count_usable": usable,
         "ram_total_gib": _meminfo_gib("MemTotal"),
