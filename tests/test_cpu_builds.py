@@ -19,7 +19,12 @@ pytestmark = pytest.mark.skipif(
     cpu_native.native_library() is None, reason="no native CPU kernels here"
 )
 
-KERNEL_TESTS = ("test_cpu_qgemm.py", "test_cpu_layer_ops.py", "test_cpu_attention.py")
+KERNEL_TESTS = (
+    "test_cpu_qgemm.py",
+    "test_cpu_layer_ops.py",
+    "test_cpu_attention.py",
+    "test_native_stack.py",
+)
 
 
 def test_the_best_supported_build_is_loaded() -> None:
