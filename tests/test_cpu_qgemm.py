@@ -289,8 +289,9 @@ def test_int8_weight_matches_dequantized(m: int) -> None:
 @needs_native
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_f32_matmul_and_the_packed_linear_route(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The native fp32 GEMV equals F.linear up to summation order; a packed Linear takes it up
-    to NATIVE_FP32_MAX_ROWS rows and oneDNN above, with the same result either way."""
+    """The native fp32 GEMV equals F.linear up to summation order; a packed Linear takes the
+    panels for every row count where the AVX-512 build runs, else the GEMV up to
+    NATIVE_FP32_MAX_ROWS rows and oneDNN above, with the same result either way."""
     from thinfer.kernels.cpu_qgemm import f32_matmul
     from thinfer.models import linear
     from thinfer.models.linear import NATIVE_FP32_MAX_ROWS, Linear
@@ -302,15 +303,50 @@ def test_f32_matmul_and_the_packed_linear_route(m: int, monkeypatch: pytest.Monk
     x = torch.randn(m, 264, generator=generator)
     expected = F.linear(x, layer.weight, layer.bias)
     assert _max_error(f32_matmul(x, layer.weight, layer.bias), expected) < SUMMATION_RTOL
-    assert layer.pack() and layer._native_fp32
-    calls: list[int] = []
-    monkeypatch.setattr(linear, "f32_matmul", lambda *args: calls.append(1) or f32_matmul(*args))
+    assert layer.pack()
+    assert (layer._panels is not None) == panels_available()
+    assert layer._native_fp32 == (not panels_available())
+    assert (layer._packed is None) == panels_available()  # panels replace oneDNN's copy
+    calls: list[str] = []
+    panel_matmul, gemv = linear.f32_panel_matmul, linear.f32_matmul
+    monkeypatch.setattr(linear, "f32_matmul", lambda *a: calls.append("gemv") or gemv(*a))
+    monkeypatch.setattr(
+        linear, "f32_panel_matmul", lambda *a: calls.append("panels") or panel_matmul(*a)
+    )
     assert _max_error(layer(x), expected) < SUMMATION_RTOL
-    assert bool(calls) == (m <= NATIVE_FP32_MAX_ROWS)
+    if panels_available():
+        assert calls == ["panels"]
+    else:
+        assert calls == (["gemv"] if m <= NATIVE_FP32_MAX_ROWS else [])
     with pytest.raises(ValueError, match="K % 8"):
         f32_matmul(torch.randn(1, 12), torch.randn(3, 12), None)
     with pytest.raises(ValueError, match="activations"):
         f32_matmul(torch.randn(1, 16), torch.randn(3, 40), None)
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 12, 13, 40])
+def test_f32_panels_match_f_linear(m: int) -> None:
+    """Two panels per tile, 12 rows per tile: an odd panel count (the last one alone, and
+    partial: N = 70), row counts at and past a tile, with and without bias."""
+    from thinfer.kernels.cpu_panels import f32_panel_matmul, pack_f32_panels
+
+    _layout("panels")
+    generator = torch.Generator().manual_seed(40 + m)
+    weight = torch.randn(70, 200, generator=generator)
+    bias = torch.randn(70, generator=generator)
+    x = torch.randn(m, 200, generator=generator)
+    panels = pack_f32_panels(weight)
+    assert panels.shape == (5, 200, 16) and not panels[4, :, 6:].any()
+    for b in (None, bias):
+        out = f32_panel_matmul(x, panels, 70, b)
+        assert out.shape == (m, 70)
+        assert _max_error(out, F.linear(x, weight, b)) < SUMMATION_RTOL
+    with pytest.raises(ValueError, match="activations"):
+        f32_panel_matmul(torch.randn(m, 100), panels, 70, None)
+    with pytest.raises(ValueError, match="bias"):
+        f32_panel_matmul(x, panels, 70, torch.randn(71))
+    assert f32_panel_matmul(torch.empty(0, 200), panels, 70, None).shape == (0, 70)
 
 
 @needs_native

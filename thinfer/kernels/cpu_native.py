@@ -79,6 +79,7 @@ SIGNATURES = {
 AVX512_SIGNATURES = {
     "q4_panel_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
     "q8_panel_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),
+    "f32_panel_linear": (_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr),
 }
 
 

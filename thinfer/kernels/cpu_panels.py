@@ -1,13 +1,13 @@
-"""q4 and q8 weights packed in panels of 16 weight rows for the AVX-512 products of
-`cpu/panel_products.c` (several activation rows: decode batches), and their calls.
+"""q4, q8 and fp32 weights packed in panels of 16 weight rows for the AVX-512 products of
+`cpu/panel_products.c`, and their calls.
 
 A panel stores, for each position k along K, the 16 rows' values side by side, so one vector
 load widens one k of 16 weight rows, shared by every activation row of the batch (the C file
 explains the layout and why it is ~1.8x the row-major tiles at 16 rows on a Zen 5 core).
-N is padded to a multiple of 16 with zero rows. The panels are an extra copy of the weights
-(the row-major blocks stay for one-row products), packed only where the AVX-512 build loaded
-(`panels_available`). The results equal the dequantized weight's fp32 product up to
-summation order.
+N is padded to a multiple of 16 with zero rows. The panels are packed only where the
+AVX-512 build loaded (`panels_available`): for q4 and q8 beside the row-major blocks, for an
+fp32 layer instead of oneDNN's reordered copy (`thinfer.models.linear.Linear.pack`). The
+results equal the (dequantized) weight's fp32 product up to summation order.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ def pack_q8_panels(codes: torch.Tensor) -> torch.Tensor:
     return _pad_rows(codes).reshape(-1, PANEL, k).permute(0, 2, 1).contiguous()
 
 
+def pack_f32_panels(weight: torch.Tensor) -> torch.Tensor:
+    """Panels fp32 [ceil(N / 16), K, 16] of an fp32 weight [N, K]."""
+    n, k = weight.shape
+    return _pad_rows(weight.detach().float()).reshape(-1, PANEL, k).permute(0, 2, 1).contiguous()
+
+
 def _library() -> object:
     library = native_library()
     if library is None or not panels_available():
@@ -100,6 +106,31 @@ def q8_panel_matmul(
         panels.data_ptr(),
         scales.data_ptr(),
         scales.shape[0],
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def f32_panel_matmul(
+    x: torch.Tensor, panels: torch.Tensor, rows: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] W^T (+ bias) -> [M, rows] for an fp32 weight W [rows, K] in panels; x any
+    CPU float tensor [M, K], bias a contiguous fp32 [rows] or None (ValueError otherwise)."""
+    x = x.to(torch.float32).contiguous()
+    if x.dim() != 2 or x.shape[1] != panels.shape[1] or x.device.type != "cpu":
+        raise ValueError(f"expected CPU activations [M, {panels.shape[1]}], got {tuple(x.shape)}")
+    if bias is not None and (
+        bias.shape != (rows,) or bias.dtype != torch.float32 or not bias.is_contiguous()
+    ):
+        raise ValueError(f"expected a contiguous fp32 bias [{rows}], got {tuple(bias.shape)}")
+    out = torch.empty(x.shape[0], rows)
+    _library().f32_panel_linear(  # type: ignore[attr-defined]
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        panels.data_ptr(),
+        rows,
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
     )

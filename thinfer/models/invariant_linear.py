@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from thinfer.kernels.cpu_panels import f32_panel_matmul
+
 TILE_ROWS = 16
 # Other tile sizes (fewer rows for small decode batches, more for large ones and prefill),
 # each used only where `choose_tiles` finds a row's bits the same in it as in a TILE_ROWS tile.
@@ -34,8 +36,13 @@ TILE_LADDER = (1, 2, 4, 8, TILE_ROWS, 32, 64, 128)
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
-def plain_matmul(weight: torch.Tensor, packed: torch.Tensor | None = None) -> Matmul:
-    """x -> x @ weight^T through oneDNN's packed weights when given, else `F.linear`."""
+def plain_matmul(
+    weight: torch.Tensor, packed: torch.Tensor | None = None, panels: torch.Tensor | None = None
+) -> Matmul:
+    """x -> x @ weight^T through the native fp32 panels or oneDNN's packed weights when
+    given, else `F.linear`."""
+    if panels is not None:
+        return lambda x: f32_panel_matmul(x, panels, weight.shape[0], None)
     if packed is not None:
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return lambda x: F.linear(x, weight)

@@ -11,11 +11,11 @@ bitwise the same.
 
 It applies (`NativeDecoderStack.build` returns None otherwise, with the reason in
 `unsupported_reason`) to a single-process fp32 CPU model whose layers all run native
-kernels: fp32 layers packed for the native GEMV, or int4 / int8 weights on the native
-kernels; no padded KV heads, no batch-invariant or dataflow-table layers. A step takes it
+kernels: fp32 layers packed in panels or for the native GEMV, or int4 / int8 weights on the
+native kernels; no padded KV heads, no batch-invariant or dataflow-table layers. A step takes it
 (`applies`) when every sequence decodes one token, no compression signal is recorded, and
-the batch is small enough for every product's native kernel (fp32: up to
-`NATIVE_FP32_MAX_ROWS` rows; row-major q4/q8: below `WHOLE_WEIGHT_MIN_ROWS`).
+the batch is small enough for every product's native kernel (panels: any; the fp32 GEMV:
+up to `NATIVE_FP32_MAX_ROWS` rows; row-major q4/q8: below `WHOLE_WEIGHT_MIN_ROWS`).
 The model owns the stack (`LlamaForCausalLM.set_native_decoder`); it holds pointers into
 the weights, so anything that replaces them must rebuild it (the model's own weight loaders
 and its layer-ops / backend setters drop it).
@@ -39,7 +39,14 @@ if TYPE_CHECKING:
     from thinfer.models.llama import LlamaForCausalLM
 
 # As the enum of decoder_stack.c.
-PRODUCT_KINDS = {"f32": 0, "q4_rows": 1, "q8_rows": 2, "q4_panels": 3, "q8_panels": 4}
+PRODUCT_KINDS = {
+    "f32": 0,
+    "q4_rows": 1,
+    "q8_rows": 2,
+    "q4_panels": 3,
+    "q8_panels": 4,
+    "f32_panels": 5,
+}
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 UNLIMITED_ROWS = 1 << 62  # a kernel that takes any batch (the panel products)
 
@@ -118,6 +125,8 @@ def _product(linear: Linear, name: str, keep: list[torch.Tensor]) -> tuple[_Prod
         else:
             tensors, kind = [quantized._codes, quantized._scales], "q8_rows"
             rows = WHOLE_WEIGHT_MIN_ROWS - 1
+    elif quantized is None and linear._panels is not None:
+        tensors, kind, rows = [linear._panels], "f32_panels", None
     elif quantized is None and linear._native_fp32:
         tensors, kind = [_fp32(linear.weight.detach(), f"{name}.weight")], "f32"
         rows = NATIVE_FP32_MAX_ROWS

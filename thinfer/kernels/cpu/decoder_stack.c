@@ -12,11 +12,11 @@
 #include "kernels.h"
 
 /* How a product's weights are held (`thinfer.models.native_stack.PRODUCT_KINDS`). */
-enum { F32 = 0, Q4_ROWS = 1, Q8_ROWS = 2, Q4_PANELS = 3, Q8_PANELS = 4 };
+enum { F32 = 0, Q4_ROWS = 1, Q8_ROWS = 2, Q4_PANELS = 3, Q8_PANELS = 4, F32_PANELS = 5 };
 
 typedef struct {
     int64_t kind, n, k;
-    const void *weight; /* fp32 weight [N, K] | q4 codes or panels | q8 codes or panels */
+    const void *weight; /* fp32 weight or panels | q4 codes or panels | q8 codes or panels */
     const void *extra;  /* NULL | q4 fp16 scales and mins or panel factors | q8 scales */
     const float *bias;  /* [N] or NULL */
 } Product;
@@ -48,6 +48,7 @@ static void product(const Product *p, const float *x, int64_t m, float *y) {
         case Q8_PANELS:
             q8_panel_linear(x, m, p->k, p->weight, p->extra, p->n, p->bias, y);
             return;
+        case F32_PANELS: f32_panel_linear(x, m, p->k, p->weight, p->n, p->bias, y); return;
 #endif
         default: abort(); /* the Python side builds only kinds this build has */
     }

@@ -27,6 +27,8 @@ void q4_panel_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes,
                      const uint16_t *factors, int64_t n, const float *bias, float *y);
 void q8_panel_linear(const float *x, int64_t m, int64_t k, const int8_t *codes,
                      const float *scales, int64_t n, const float *bias, float *y);
+void f32_panel_linear(const float *x, int64_t m, int64_t k, const float *panels, int64_t n,
+                      const float *bias, float *y);
 #endif
 
 #endif

@@ -16,6 +16,10 @@
  *   panel rows' scales d, then their mins m, per group of 32 values): w = d * q + m.
  *   q8 panels: codes [N / 16, K, 16] int8 (byte j of line k: row j's code at k); the rows'
  *   scales [N] stay as they are, applied to the sums.
+ *   fp32 panels: [N / 16, K, 16] floats (value j of line k: row j's weight at k), for fp32
+ *   layers: nothing to widen, so two panels go together (24 accumulators: 12 activation rows
+ *   x 32 outputs, two weight loads per 24 multiply-adds) with the panels' next lines
+ *   prefetched; measured on a par with or ahead of oneDNN's packed GEMM from 1 to 512 rows.
  *
  * The weights are widened to fp32 and multiplied with the fp32 activations, so the result
  * equals the dequantized weight's fp32 product up to summation order (as qgemm.c's tiles).
@@ -30,6 +34,8 @@
 #define PANEL 16
 #define TILE_ROWS 16
 #define GROUP 32
+#define PAIR_ROWS 12      /* activation rows per fp32 tile of two panels */
+#define PREFETCH_LINES 16 /* fp32 panel lines (one cache line each) read ahead */
 
 /* The first `columns` lanes of y rows [rows] (n apart) at the panel's columns = acc *
  * scale (NULL: 1) + bias (NULL: 0); the last panel of N not a multiple of 16 is partial. */
@@ -78,6 +84,47 @@ static inline __attribute__((always_inline)) void q8_panel_tile(const int8_t *co
         for (int r = 0; r < rows; r++)
             acc[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[r * k + i]), acc[r]);
     }
+}
+
+/* acc[r][p] = the 16 dots of activation row r with fp32 panel p of the two at `first` and
+ * `second` (which may be the same panel: its outputs are then stored once) */
+static inline __attribute__((always_inline)) void f32_pair_tile(const float *first,
+                                                               const float *second,
+                                                               const float *x, int64_t k,
+                                                               int rows,
+                                                               __m512 acc[PAIR_ROWS][2]) {
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        _mm_prefetch((const char *)(first + (i + PREFETCH_LINES) * PANEL), _MM_HINT_T0);
+        _mm_prefetch((const char *)(second + (i + PREFETCH_LINES) * PANEL), _MM_HINT_T0);
+        const __m512 a = _mm512_loadu_ps(first + i * PANEL);
+        const __m512 b = _mm512_loadu_ps(second + i * PANEL);
+        for (int r = 0; r < rows; r++) {
+            const __m512 value = _mm512_set1_ps(x[r * k + i]);
+            acc[r][0] = _mm512_fmadd_ps(a, value, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(b, value, acc[r][1]);
+        }
+    }
+}
+
+static void f32_tile(const float *first, const float *second, const float *x, int64_t k,
+                     int rows, __m512 acc[PAIR_ROWS][2]) {
+#define F32_TILE(R) f32_pair_tile(first, second, x, k, R, acc)
+    switch (rows) {
+        case 12: F32_TILE(12); break;
+        case 11: F32_TILE(11); break;
+        case 10: F32_TILE(10); break;
+        case 9: F32_TILE(9); break;
+        case 8: F32_TILE(8); break;
+        case 7: F32_TILE(7); break;
+        case 6: F32_TILE(6); break;
+        case 5: F32_TILE(5); break;
+        case 4: F32_TILE(4); break;
+        case 3: F32_TILE(3); break;
+        case 2: F32_TILE(2); break;
+        default: F32_TILE(1); break;
+    }
+#undef F32_TILE
 }
 
 /* The tiles with a constant row count, so the accumulators stay in registers. */
@@ -149,6 +196,27 @@ void q8_panel_linear(const float *x, int64_t m, int64_t k, const int8_t *codes,
             q8_tile(codes + panel * k * PANEL, x + first * k, k, rows, acc);
             store_panel(acc, rows, panel_columns(panel, n), scales + panel * PANEL,
                         bias ? bias + panel * PANEL : NULL, y + first * n + panel * PANEL, n);
+        }
+    }
+}
+/* x [M, K] fp32; fp32 panels of W [N, K]; bias [N] or NULL -> y [M, N]. */
+void f32_panel_linear(const float *x, int64_t m, int64_t k, const float *panels, int64_t n,
+                      const float *bias, float *y) {
+    const int64_t count = (n + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static)
+    for (int64_t pair = 0; pair < (count + 1) / 2; pair++) {
+        const int64_t first = 2 * pair, second = first + 1 < count ? first + 1 : first;
+        for (int64_t row = 0; row < m; row += PAIR_ROWS) {
+            const int rows = m - row < PAIR_ROWS ? (int)(m - row) : PAIR_ROWS;
+            __m512 acc[PAIR_ROWS][2], out[TILE_ROWS];
+            f32_tile(panels + first * k * PANEL, panels + second * k * PANEL, x + row * k, k,
+                     rows, acc);
+            for (int half = 0; half < (second != first ? 2 : 1); half++) {
+                const int64_t panel = half ? second : first;
+                for (int r = 0; r < rows; r++) out[r] = acc[r][half];
+                store_panel(out, rows, panel_columns(panel, n), NULL,
+                            bias ? bias + panel * PANEL : NULL, y + row * n + panel * PANEL, n);
+            }
         }
     }
 }
