@@ -3,6 +3,8 @@ and compression never changes what it should not."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from compression_utils import select
@@ -245,6 +247,26 @@ def late_state(config: CompressionConfig, kv_len: int, sinks: int, first_late: i
     state = SlotState((), config.params.slot_values, torch.device("cpu"))
     state.append(torch.tensor(positions), torch.zeros(kv_len, dtype=torch.bool))
     return state
+
+
+@pytest.mark.parametrize("prefix", [(), (2, 3)])
+def test_append_range_equals_append(prefix):
+    """`append_range` (one slot from Python values, or a run) leaves the state `append`
+    leaves, across capacity growth, with both protection bounds."""
+    states = [SlotState(prefix, ("a", "b"), torch.device("cpu")) for _ in range(2)]
+    protect_below, protect_from = 5, 30
+    runs = [(0, 7)] + [(p, 1) for p in range(7, 40)] + [(40, 9)]
+    for first, count in runs:
+        positions = torch.arange(first, first + count)
+        states[0].append(positions, (positions < protect_below) | (positions >= protect_from))
+        states[1].append_range(first, count, protect_below, protect_from)
+        for state in states:
+            state.value("a")[..., -1] = float(first)
+    assert torch.equal(states[0].positions, states[1].positions)
+    assert torch.equal(states[0].protected, states[1].protected)
+    assert states[1].protected.sum() == protect_below * math.prod(prefix) + 19 * math.prod(prefix)
+    for name in ("a", "b"):
+        assert torch.equal(states[0].value(name), states[1].value(name))
 
 
 @pytest.mark.parametrize("trigger", ["native", "uniform"])

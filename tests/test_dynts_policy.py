@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from thinfer import SamplingParams
 from thinfer.compression import CompressionConfig
-from thinfer.dynts import ImportancePredictor, save_predictor
+from thinfer.dynts import ImportancePredictor, load_predictor, save_predictor
 from thinfer.engine.admission import peak_slots
+from thinfer.kernels.cpu_panels import panels_available
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,17 @@ def test_peak_slots_cover_what_can_never_be_evicted():
     assert peak_slots(thinking_only, prompt_len=60, max_tokens=1000) == 60 + 16 + 1
     with_marker = CompressionConfig(**config, think_end_token_ids=(7,))
     assert peak_slots(with_marker, prompt_len=20, max_tokens=1000) == 1020  # answer unbounded
+
+
+def test_loaded_head_on_panels_matches_the_trained_module(tmp_path):
+    """`load_predictor` packs the head into fp32 panels where they run; scores equal the
+    `F.linear` module's up to summation order, for one row and a batch."""
+    torch.manual_seed(3)
+    head = ImportancePredictor(96)
+    path = str(tmp_path / "head.safetensors")
+    save_predictor(head, path)
+    loaded = load_predictor(path, torch.float32, "cpu")
+    assert (loaded._panels is not None) == panels_available()
+    for rows in (1, 5, 37):
+        hidden = torch.randn(rows, 96)
+        torch.testing.assert_close(loaded(hidden), head(hidden), rtol=1e-5, atol=1e-6)

@@ -63,6 +63,29 @@ class SlotState:
             values[..., self.length : end] = 0.0
         self.length = end
 
+    def append_range(
+        self, first: int, count: int, protect_below: int, protect_from: int | None
+    ) -> None:
+        """Add slots for the tokens at positions first .. first + count - 1, protected below
+        `protect_below` and from `protect_from` on (None: no such bound), values 0. One slot
+        (a decode step) is written from Python values, without small tensors."""
+        if count != 1:
+            positions = torch.arange(first, first + count, device=self._positions.device)
+            protected = positions < protect_below
+            if protect_from is not None:
+                protected |= positions >= protect_from
+            self.append(positions, protected)
+            return
+        self._reserve(self.length + 1)
+        index = self.length
+        self._positions[..., index] = first
+        self._protected[..., index] = first < protect_below or (
+            protect_from is not None and first >= protect_from
+        )
+        for values in self._values.values():
+            values[..., index] = 0.0
+        self.length = index + 1
+
     def protect(self, from_position: int) -> None:
         """Protect every live slot whose token position is >= `from_position`."""
         self.protected.logical_or_(self.positions >= from_position)

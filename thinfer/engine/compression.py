@@ -207,12 +207,7 @@ class CompressionStage:
         state, method = comp.state, comp.method
         assert state.length + count == seq.kv_len, "slot state out of step with the cache"
         first = seq.num_computed_tokens - count
-        device = state.positions.device
-        positions = torch.arange(first, first + count, device=device)
-        protected = torch.zeros(count, dtype=torch.bool, device=device)
         prompt_len = len(seq.prompt_token_ids)
-        if method.protects_prompt:
-            protected |= positions < prompt_len
         if comp.answer_from is None:
             outputs = seq.output_token_ids
             start = method.answer_start(outputs, comp.checked_tokens)
@@ -220,9 +215,8 @@ class CompressionStage:
             if start is not None:
                 comp.answer_from = prompt_len + start
                 state.protect(comp.answer_from)
-        if comp.answer_from is not None:
-            protected |= positions >= comp.answer_from
-        state.append(positions, protected)
+        protect_below = prompt_len if method.protects_prompt else 0
+        state.append_range(first, count, protect_below, comp.answer_from)
 
     def _record(self, comp: SequenceCompression, capture: AttentionCapture, index: int) -> None:
         sums = capture.column_sums(index)
