@@ -100,7 +100,7 @@ def test_prune_quality_bad_input_fails_before_loading(tmp_path, capsys, option, 
 
 def test_prune_quality_default_methods_are_read_at_run_time(monkeypatch):
     import thinfer.pruning.run as run
-    from thinfer.bench.prune_quality import parse_methods
+    from thinfer.bench.prune_quality_args import parse_methods
 
     monkeypatch.setattr(run, "METHODS", (*run.METHODS, "new-method"))
     assert parse_methods(None)[-1] == "new-method"

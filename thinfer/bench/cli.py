@@ -287,7 +287,7 @@ def add_bench_parser(subparsers: Any) -> None:
     from thinfer.bench.gpu_check import add_parser as add_gpu_check
     from thinfer.bench.matmul import add_parser as add_matmul
     from thinfer.bench.prune_latency import add_parser as add_prune_latency
-    from thinfer.bench.prune_quality import add_parser as add_prune_quality
+    from thinfer.bench.prune_quality_args import add_parser as add_prune_quality
     from thinfer.bench.softmax_offset import add_parser as add_softmax_offset
     from thinfer.bench.tensor_parallel import add_parser as add_tensor_parallel
 
