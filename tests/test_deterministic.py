@@ -11,6 +11,7 @@ from compression_utils import MAX_TOKENS, combos, config_for, write_random_predi
 from conftest import run_cli, with_engine
 
 from thinfer import LLM, SamplingParams
+from thinfer.attention import native_invariant
 from thinfer.attention.invariant_paged import (
     FIXED_POINT_BITS,
     KEY_SPLIT,
@@ -18,11 +19,14 @@ from thinfer.attention.invariant_paged import (
     attend_chunk,
     gather_padded,
 )
+from thinfer.attention.metadata import AttentionMetadata
 from thinfer.attention.torch_paged import prefill_attention
 from thinfer.cli import build_parser
 from thinfer.cli_args import llm_kwargs
 from thinfer.config import EngineConfig
 from thinfer.engine.deterministic import check_deterministic_config
+from thinfer.kernels.cpu_native import native_library
+from thinfer.kernels.cpu_panels import panels_available
 from thinfer.models.invariant_ops import INVARIANT_OPS
 
 OTHERS = [
@@ -67,19 +71,30 @@ def predictor(tmp_path_factory, llm) -> str:
     return write_random_predictor(tmp_path_factory.mktemp("deterministic"), llm)
 
 
-def test_one_request_alone_equals_it_in_every_batch(llm, english_prompts, restore_default):
+@pytest.mark.parametrize("fused_ops", ["auto", False])
+def test_one_request_alone_equals_it_in_every_batch(
+    llm, english_prompts, restore_default, fused_ops
+):
     """Alone; beside five others in a roomy engine; beside three others with at most three
     sequences, a 7-token step budget (its prefill in chunks) and a pool so small that
-    sequences are swapped out: the same ids and logprobs, bitwise."""
+    sequences are swapped out: the same ids and logprobs, bitwise. `fused_ops` "auto": the
+    native row-wise kernels (where they load), whose plain decode steps take the native
+    decoder stack and give the per-layer path's bits; False: the torch path."""
     target, target_params = english_prompts[1], params(seed=7, max_tokens=24)
-    alone = with_engine(llm, num_kv_blocks=512, deterministic=True)
+    alone = with_engine(llm, num_kv_blocks=512, deterministic=True, fused_ops=fused_ops)
     expected = outputs(alone, [target], [target_params])[0]
+    native = alone.engine.model.layers[0].self_attn.backend.name == "invariant-native"
+    assert native == (fused_ops == "auto" and native_library() is not None)
+    if native and panels_available():  # decode steps in one native call, the same bits
+        assert alone.engine.model.native_stack is not None
+        alone.engine.model.set_native_decoder(False)
+        assert outputs(alone, [target], [target_params])[0] == expected
     settings = [
         (5, {"num_kv_blocks": 512}),
         (3, {"num_kv_blocks": 10, "block_size": 8, "max_num_seqs": 3, "max_num_batched_tokens": 7}),
     ]
     for others, config in settings:
-        engine = with_engine(llm, deterministic=True, **config)
+        engine = with_engine(llm, deterministic=True, fused_ops=fused_ops, **config)
         position = others // 2
         prompts = OTHERS[:position] + [target] + OTHERS[position:others]
         sampling = [params(seed=100 + i, max_tokens=24) for i in range(len(prompts))]
@@ -190,6 +205,41 @@ def test_attention_rows_do_not_depend_on_chunks_or_decode(through_triton, monkey
         assert torch.equal(decodes[index], whole[length - 1])
     total = float(sums.sum()) / 2**FIXED_POINT_BITS
     assert total == pytest.approx(context * 9, abs=1e-3)  # each query head spreads mass 1
+
+
+def _step(decode_lens: list[int], chunks: list[tuple[int, int]], block: int) -> AttentionMetadata:
+    """Metadata of a step over sequences that all share one block table: decodes at
+    `decode_lens`, then prefill chunks (rows, context)."""
+    query_lens = [1] * len(decode_lens) + [rows for rows, _ in chunks]
+    contexts = decode_lens + [context for _, context in chunks]
+    starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
+    table = torch.arange(64)[None].expand(len(contexts), -1)
+    return AttentionMetadata(
+        torch.zeros(sum(query_lens), dtype=torch.int64), table.contiguous(),
+        torch.tensor(contexts), contexts, query_lens, starts, len(decode_lens), block,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(native_library() is None, reason="native CPU kernels")
+def test_native_attention_rows_do_not_depend_on_chunks_or_decode():
+    """The mode's native attention: a prefill in one step, in chunks beside decodes, or row
+    by row as decodes gives each row the same bits, close to SDPA."""
+    torch.manual_seed(0)
+    context, block = 150, 8
+    cache_k, cache_v = (torch.randn(64, block, 3, 64) for _ in "kv")
+    queries = torch.randn(context, 9, 64)
+    whole = native_invariant.paged_attention(
+        queries, cache_k, cache_v, _step([], [(context, context)], block), 0.125
+    )
+    dense_k, dense_v = (c.view(-1, 3, 64)[:context] for c in (cache_k, cache_v))
+    torch.testing.assert_close(whole, prefill_attention(queries, dense_k, dense_v, 0.125))
+    decodes = [1, 17, 128, context]
+    rows = torch.tensor(decodes) - 1
+    mixed = torch.cat([queries[rows], queries[40:90]])
+    step = _step(decodes, [(50, 90)], block)
+    out = native_invariant.paged_attention(mixed, cache_k, cache_v, step, 0.125)
+    assert torch.equal(out[: len(decodes)], whole[rows])
+    assert torch.equal(out[len(decodes) :], whole[40:90])
 
 
 def test_invariant_silu_is_pointwise():

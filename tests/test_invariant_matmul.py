@@ -12,12 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from thinfer.kernels.cpu_panels import pack_f32_panels, panels_available
 from thinfer.models.invariant_linear import (
+    ANY_ROWS,
     TILE_LADDER,
     TILE_ROWS,
     choose_tiles,
     plain_matmul,
     row_invariance_self_test,
+    rows_independent_self_test,
     tiled_linear,
 )
 
@@ -132,6 +135,33 @@ def test_tile_ladder_keeps_rows_invariant():
         full = tiled_linear(x, matmul, 64, tile_rows=tiles)
         for m in (1, 2, 3, 5, 9, 17, 31, 33, 64, 127, 128, 129, 256, 299):
             assert torch.equal(tiled_linear(x[:m], matmul, 64, tile_rows=tiles), full[:m])
+
+
+def test_rows_independent_check_catches_a_kernel_that_changes_with_m():
+    """A kernel whose rows shift with the row count passes the fixed-tile self-test (it
+    only ever sees one count there) but not the any-count one, so it keeps a tile ladder."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+
+    def by_count(t):
+        return F.linear(t, w) * (1 + 1e-3 * (t.shape[0] in (5, 24)))
+
+    assert row_invariance_self_test(by_count, 96, TILE_ROWS, torch.float32)
+    assert not rows_independent_self_test(by_count, 96, torch.float32)
+    assert choose_tiles(by_count, 96, torch.float32, rows_independent=True) != (ANY_ROWS,)
+
+
+@pytest.mark.skipif(not panels_available(), reason="the native fp32 panels (AVX-512 build)")
+def test_panels_take_any_row_count_in_one_call():
+    """The native fp32 panels compute each row on its own: verified, they take every row in
+    one call, and a row's bits are the same for every M (12-row tiles and their remainders)."""
+    x, w, b = _operands(300, 70, 96, torch.float32, seed=5, device="cpu")
+    matmul = plain_matmul(w, panels=pack_f32_panels(w))
+    assert choose_tiles(matmul, 96, torch.float32, rows_independent=True) == (ANY_ROWS,)
+    full = tiled_linear(x, matmul, 70, bias=b, tile_rows=(ANY_ROWS,))
+    torch.testing.assert_close(full, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for m in (1, 2, 11, 12, 13, 23, 25, 97, 299):
+        part = tiled_linear(x[300 - m :].clone(), matmul, 70, bias=b, tile_rows=(ANY_ROWS,))
+        assert torch.equal(part, full[300 - m :]), m
 
 
 @needs_cuda

@@ -8,9 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thinfer.attention import invariant_paged
-from thinfer.models.invariant_ops import INVARIANT_OPS, check_exp_is_pointwise, check_norm_rows
+from thinfer.attention import invariant_paged, native_invariant
+from thinfer.kernels.cpu_native import native_library
+from thinfer.models.fused import NativeLayerOps
+from thinfer.models.invariant_ops import (
+    INVARIANT_OPS,
+    check_exp_is_pointwise,
+    check_norm_rows,
+    check_silu_rows,
+)
 from thinfer.models.norm import RMSNorm
+
+needs_native = pytest.mark.skipif(native_library() is None, reason="native CPU kernels")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,8 +36,30 @@ def test_norm_check_catches_rows_that_depend_on_the_batch(monkeypatch):
         return real(x, norm) * (1 + 1e-3 * (x.shape[0] > 16))
 
     monkeypatch.setattr(INVARIANT_OPS, "rms_norm", batch_dependent)
-    with pytest.raises(RuntimeError, match="RMSNorm on cpu torch.float32 gives a row other"):
+    with pytest.raises(RuntimeError, match=r"RMSNorm \(invariant ops\) on cpu torch.float32"):
         check_norm_rows(64, torch.float32, torch.device("cpu"))
+
+
+@needs_native
+def test_native_checks_pass_here_and_catch_batch_dependence(monkeypatch):
+    """The native ops and attention the mode runs on this CPU pass; a SiLU or an attention
+    whose rows shift with the row count is caught."""
+    cpu, ops = torch.device("cpu"), NativeLayerOps()
+    check_norm_rows(96, torch.float32, cpu, ops)
+    check_silu_rows(100, torch.float32, cpu, ops)
+    native_invariant.check_native_rows(6, 2, 16)
+    real_silu = ops.silu_mul
+    monkeypatch.setattr(ops, "silu_mul", lambda g: real_silu(g) * (1 + 1e-3 * (g.shape[0] > 8)))
+    with pytest.raises(RuntimeError, match=r"SiLU \(native ops\) on cpu"):
+        check_silu_rows(100, torch.float32, cpu, ops)
+    real_attention = native_invariant.native_decode_attention
+
+    def batch_dependent(q, *args):
+        return real_attention(q, *args) * (1 + 1e-3 * (q.shape[0] > 1))
+
+    monkeypatch.setattr(native_invariant, "native_decode_attention", batch_dependent)
+    with pytest.raises(RuntimeError, match="native CPU attention gives a row other bits"):
+        native_invariant.check_native_rows(6, 2, 16)
 
 
 def test_bf16_cpu_norm_matches_the_module_closely():

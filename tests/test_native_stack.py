@@ -117,14 +117,17 @@ def test_models_and_modes_it_cannot_run_keep_the_layer_path() -> None:
         return LLM(model="tiny", load_format="dummy", device="cpu", num_kv_blocks=16, **kwargs)
 
     assert tiny(fused_ops=False).engine.model.native_stack is None
-    assert tiny(deterministic=True).engine.model.native_stack is None
+    assert tiny(deterministic=True, fused_ops=False).engine.model.native_stack is None
+    # the deterministic mode's panels in one call are the stack's own kernel
+    assert (tiny(deterministic=True).engine.model.native_stack is not None) == panels_available()
     model = tiny().engine.model
     model.layers[1].self_attn.padded_kv_heads = 1
     assert "layer 1 pads its KV heads" in str(model.set_native_decoder(True))
     assert model.native_stack is None
     model.layers[1].self_attn.padded_kv_heads = 0
     set_batch_invariant(model, True)
-    assert "batch-invariant" in str(model.set_native_decoder(True))
+    model.layers[1].mlp.down_proj.invariant_tiles = (16,)  # a library kernel's row tiles
+    assert "batch-invariant tiled" in str(model.set_native_decoder(True))
     set_batch_invariant(model, False)
     assert model.set_native_decoder(True) is None
     model.init_dummy_weights(1)  # new weights: the stack is dropped, not left stale

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thinfer.attention import invariant_paged, torch_paged
+from thinfer.attention import invariant_paged, native_invariant, torch_paged
 from thinfer.attention.metadata import AttentionMetadata
 from thinfer.config import ATTENTION_BACKENDS
 
@@ -45,6 +45,10 @@ TORCH_BACKEND = AttentionBackend("torch", torch_paged.store_kv, torch_paged.page
 # The deterministic mode's backend: every row computed alone (`invariant_paged`).
 INVARIANT_BACKEND = AttentionBackend(
     "invariant", torch_paged.store_kv, invariant_paged.paged_attention
+)
+# ... and where the CPU's native kernels load: every row through the native decode kernel.
+NATIVE_INVARIANT_BACKEND = AttentionBackend(
+    "invariant-native", torch_paged.store_kv, native_invariant.paged_attention
 )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thinfer.attention.backend import TORCH_BACKEND, select_backend
+from thinfer.attention.backend import NATIVE_INVARIANT_BACKEND, TORCH_BACKEND, select_backend
 from thinfer.compression import CompressionConfig
 from thinfer.config import EngineConfig, ModelConfig, resolve_dtype
 from thinfer.engine.cpu_malloc import tune_malloc_for_decode
@@ -172,7 +172,7 @@ def build_engine(
     if dev.type == "cpu":
         tune_malloc_for_decode()  # no page-fault cliff once contexts grow (see cpu_malloc)
     if config.deterministic:
-        backend, ops = make_batch_invariant(loaded.net)
+        backend, ops = make_batch_invariant(loaded.net, config.fused_ops)
     else:
         make_batch_variant(loaded.net)
         backend = select_backend(config.attention_backend, dev)
@@ -181,7 +181,9 @@ def build_engine(
     loaded.net.set_attention_backend(backend)
     loaded.net.set_layer_ops(ops)
     # plain decode steps in one native call where the native layer ops run (CPU, fp32)
-    loaded.net.set_native_decoder(isinstance(ops, NativeLayerOps) and backend is TORCH_BACKEND)
+    # (the deterministic mode's native backend runs the stack's kernels too: same bits)
+    native_backend = backend in (TORCH_BACKEND, NATIVE_INVARIANT_BACKEND)
+    loaded.net.set_native_decoder(isinstance(ops, NativeLayerOps) and native_backend)
     exchange = exchange or StepExchange()
     local = loaded.net.layout.local_config(loaded.config)  # this rank's KV heads
     num_blocks = config.num_kv_blocks or exchange.min_over_ranks(

@@ -12,6 +12,10 @@ the library:
   inside the tile; `row_invariance_self_test` checks that for the model's shapes at start-up
   (every row rolled through every position, bitwise), and the engine falls back to one-row
   tiles (the library's GEMV, one shape again) where it fails.
+- CPU, native fp32 panels (`kernels/cpu/panel_products.c`): each output element is one
+  fixed-order chain of fused multiply-adds over K, whatever the other rows and however many
+  (the row tiling only decides which rows share a weight load), so the rows go in one call
+  (`ANY_ROWS`); `rows_independent_self_test` checks that at start-up for the model's shapes.
 - CUDA: the Triton kernel of `thinfer.kernels.invariant_matmul` (fixed BLOCK_K, no split-K).
 
 The cost is the padding (a decode batch of 1 multiplies 16 rows, at decode a CPU layer reads
@@ -32,6 +36,12 @@ TILE_ROWS = 16
 # Other tile sizes (fewer rows for small decode batches, more for large ones and prefill),
 # each used only where `choose_tiles` finds a row's bits the same in it as in a TILE_ROWS tile.
 TILE_LADDER = (1, 2, 4, 8, TILE_ROWS, 32, 64, 128)
+
+# A ladder of this one size: the kernel's rows do not depend on M, one call on all rows.
+ANY_ROWS = 0
+# Row counts `rows_independent_self_test` tries: in and across the panel kernel's 12-row
+# tiles and its remainders, and larger calls.
+_ROW_COUNTS = (1, 2, 3, 5, 11, 12, 13, 16, 24, 25, 37, 64, 131)
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,8 +68,11 @@ def tiled_linear(
     """`matmul` (x -> x W^T) applied to x [M, K] in tiles of exactly `tile_rows` rows, or of
     the sizes of an ascending ladder (the largest while the rows left fill it, then the
     smallest that holds the rest, zero-padded), so the kernel only ever sees those shapes;
-    bias added after, elementwise."""
+    bias added after, elementwise. The ladder (ANY_ROWS,): one call on all rows."""
     ladder = (tile_rows,) if isinstance(tile_rows, int) else tile_rows
+    if ladder == (ANY_ROWS,):
+        out = matmul(x.contiguous())
+        return out + bias if bias is not None else out
     rows, in_features = x.shape
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     start = 0
@@ -103,10 +116,36 @@ def row_invariance_self_test(
     return True
 
 
-def choose_tiles(matmul: Matmul, in_features: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """The tile sizes a weight can use: TILE_ROWS and each other size of TILE_LADDER that
-    passes the self-test (at a spread of positions) and gives a row the same bits as a
-    TILE_ROWS tile does; (1,) (the library's GEMV, one shape) when TILE_ROWS itself fails."""
+def rows_independent_self_test(
+    matmul: Matmul, in_features: int, dtype: torch.dtype, seed: int = 3
+) -> bool:
+    """True when a row's output is bitwise the same alone and in calls of every count of
+    _ROW_COUNTS rows, at its first, middle and last position, beside random rows."""
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.randn(1, in_features, generator=generator).to(dtype)
+    alone = matmul(probe.clone())[0]
+    for rows in _ROW_COUNTS:
+        batch = torch.randn(rows, in_features, generator=generator).to(dtype)
+        for position in {0, rows // 2, rows - 1}:
+            batch[position] = probe[0]
+            if not torch.equal(matmul(batch.clone())[position], alone):
+                return False
+            batch[position] = torch.randn(in_features, generator=generator).to(dtype)
+    return True
+
+
+def choose_tiles(
+    matmul: Matmul, in_features: int, dtype: torch.dtype, rows_independent: bool = False
+) -> tuple[int, ...]:
+    """The tile sizes a weight can use. `rows_independent` (a kernel that computes each row
+    on its own by construction, as the native panels): (ANY_ROWS,) when
+    `rows_independent_self_test` confirms it. Otherwise TILE_ROWS and each other size of
+    TILE_LADDER that passes the self-test (at a spread of positions) and gives a row the
+    same bits as a TILE_ROWS tile does; (1,) (the library's GEMV, one shape) when TILE_ROWS
+    itself fails. A library kernel that passes a spread of row counts is not trusted with
+    all of them: it may switch algorithms at counts the test did not try."""
+    if rows_independent and rows_independent_self_test(matmul, in_features, dtype):
+        return (ANY_ROWS,)
     if not row_invariance_self_test(matmul, in_features, TILE_ROWS, dtype):
         return (1,)
     generator = torch.Generator().manual_seed(2)

@@ -86,25 +86,44 @@ def check_exp_is_pointwise(device: torch.device, dtype: torch.dtype) -> None:
 INVARIANT_OPS = InvariantLayerOps()
 
 
-def check_norm_rows(hidden: int, dtype: torch.dtype, device: torch.device) -> None:
-    """RuntimeError unless the mode's RMSNorm (alone and after the residual add) gives each
-    row the same bits in calls of 1 to 67 rows on this device and dtype."""
+def check_norm_rows(
+    hidden: int, dtype: torch.dtype, device: torch.device, ops: LayerOps = INVARIANT_OPS
+) -> None:
+    """RuntimeError unless `ops`' RMSNorm (alone and after the residual add) gives each row
+    the same bits in calls of 1 to 67 rows on this device and dtype."""
     generator = torch.Generator().manual_seed(0)
     norm = RMSNorm(hidden, 1e-5).to(device=device, dtype=dtype)
     norm.weight.copy_(torch.rand(hidden, generator=generator) + 0.5)
     x, residual = (torch.randn(67, hidden, generator=generator).to(device, dtype) for _ in "xr")
-    full = INVARIANT_OPS.rms_norm(x, norm)
-    fused = INVARIANT_OPS.add_rms_norm(x, residual, norm)[0]
+    full = ops.rms_norm(x, norm)
+    fused = ops.add_rms_norm(x, residual, norm)[0]
     for rows in (1, 2, 5, 16, 33):
         if not (
-            torch.equal(INVARIANT_OPS.rms_norm(x[:rows].clone(), norm), full[:rows])
+            torch.equal(ops.rms_norm(x[:rows].clone(), norm), full[:rows])
             and torch.equal(
-                INVARIANT_OPS.add_rms_norm(x[:rows].clone(), residual[:rows].clone(), norm)[0],
+                ops.add_rms_norm(x[:rows].clone(), residual[:rows].clone(), norm)[0],
                 fused[:rows],
             )
         ):
             raise RuntimeError(
-                f"deterministic mode: RMSNorm on {device.type} {dtype} gives a row other bits "
-                f"in a call of {rows} rows than of 67, so the decoder cannot be made "
-                "batch-invariant on this build"
+                f"deterministic mode: RMSNorm ({ops.name} ops) on {device.type} {dtype} gives "
+                f"a row other bits in a call of {rows} rows than of 67, so the decoder cannot "
+                "be made batch-invariant on this build"
+            )
+
+
+def check_silu_rows(width: int, dtype: torch.dtype, device: torch.device, ops: LayerOps) -> None:
+    """RuntimeError unless `ops`' silu-multiply gives each row the same bits in calls of 1 to
+    67 rows (for ops that do not go through `exp` alone, as the native C ops)."""
+    generator = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(67, 2 * width, generator=generator) * 6).to(device, dtype)
+    full = ops.silu_mul(gate_up)
+    for first, rows in ((0, 1), (5, 1), (1, 2), (3, 16), (0, 33)):
+        if not torch.equal(
+            ops.silu_mul(gate_up[first : first + rows].clone()), full[first : first + rows]
+        ):
+            raise RuntimeError(
+                f"deterministic mode: SiLU ({ops.name} ops) on {device.type} {dtype} gives a "
+                f"row other bits in a call of {rows} rows than of 67, so the decoder cannot "
+                "be made batch-invariant on this build"
             )

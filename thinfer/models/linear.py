@@ -239,5 +239,6 @@ def _invariant_tiles(module: Linear) -> tuple[int, ...]:
     key = (*weight.shape, weight.dtype, module._packed is not None, module._panels is not None)
     if key not in _TILES_BY_SHAPE:
         matmul = plain_matmul(weight, module._packed, module._panels)
-        _TILES_BY_SHAPE[key] = choose_tiles(matmul, weight.shape[1], weight.dtype)  # type: ignore[index]
+        by_design = module._panels is not None  # each row its own chain of FMAs
+        _TILES_BY_SHAPE[key] = choose_tiles(matmul, weight.shape[1], weight.dtype, by_design)  # type: ignore[index]
     return _TILES_BY_SHAPE[key]  # type: ignore[index]

@@ -12,7 +12,8 @@ bitwise the same.
 It applies (`NativeDecoderStack.build` returns None otherwise, with the reason in
 `unsupported_reason`) to a single-process fp32 CPU model whose layers all run native
 kernels: fp32 layers packed in panels or for the native GEMV, or int4 / int8 weights on the
-native kernels; no padded KV heads, no batch-invariant or dataflow-table layers. A step takes it
+native kernels; no padded KV heads, no dataflow-table layers, and batch-invariant layers only
+as the deterministic mode runs fp32 panels (one call on all rows). A step takes it
 (`applies`) when every sequence decodes one token, no compression signal is recorded, and
 the batch is small enough for every product's native kernel (panels: any; the fp32 GEMV:
 up to `NATIVE_FP32_MAX_ROWS` rows; row-major q4/q8: below `WHOLE_WEIGHT_MIN_ROWS`).
@@ -33,6 +34,7 @@ from thinfer.kernels.cpu_native import native_library
 from thinfer.kernels.cpu_qgemm import WHOLE_WEIGHT_MIN_ROWS
 from thinfer.models.int4 import Int4Weight
 from thinfer.models.int8 import Int8Weight
+from thinfer.models.invariant_linear import ANY_ROWS
 from thinfer.models.linear import NATIVE_FP32_MAX_ROWS, Linear
 
 if TYPE_CHECKING:
@@ -107,8 +109,12 @@ def _fp32(tensor: torch.Tensor, what: str) -> torch.Tensor:
 
 def _product(linear: Linear, name: str, keep: list[torch.Tensor]) -> tuple[_Product, int]:
     """The C description of one layer's product and the most rows its kernel takes."""
-    if linear.invariant_tiles is not None or linear.dataflow is not None:
-        raise Unsupported(f"{name} runs a batch-invariant or dataflow-table kernel")
+    if linear.dataflow is not None:
+        raise Unsupported(f"{name} runs a dataflow-table kernel")
+    if linear.invariant_tiles not in (None, (ANY_ROWS,)) or (
+        linear.invariant_tiles is not None and linear._panels is None
+    ):  # the deterministic mode's panels in one call are the same kernel on the same rows
+        raise Unsupported(f"{name} runs a batch-invariant tiled kernel")
     n, k = linear.weight.shape
     bias = None if linear.bias is None else _fp32(linear.bias.detach(), f"{name}.bias")
     quantized = linear.quantized
