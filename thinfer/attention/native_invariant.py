@@ -4,13 +4,13 @@ backend where the native kernels load).
 `kernels/cpu/decode_attention.c` computes each (query row, KV head) on its own: the row's
 scores over the first L slots of its block table, an exact softmax over them, the weighted
 values, in an order fixed by L alone. Nothing it does for a row depends on the other rows
-of the call. So every query row of a step, decode or prefill, goes through it as a "decode"
-of its own: a prefill row in slot s of its sequence attends to the first s + 1 slots of the
-same block table (its chunk's keys are written before attention reads them). A row's
-output is then bitwise the same alone, beside other sequences, in a prefill chunk of any
-size or as a decode, and the same as the native decoder stack's decode
-(`thinfer.models.native_stack`), which runs the same kernel; `check_native_rows` checks the
-first property at start-up rather than assuming it, and the tests check both.
+of the call. Every query row of a step, decode or prefill, goes through it as a "decode"
+of its own (`thinfer.attention.native_rows`), so a row's output is bitwise the same alone,
+beside other sequences, in a prefill chunk of any size or as a decode, and the same as the
+native decoder stack's decode (`thinfer.models.native_stack`), which runs the same kernel;
+`check_native_rows` checks the first property at start-up rather than assuming it, and the
+tests check both. The default mode's torch backend takes the same path when no column sums
+are asked for; the mode differs in how it gets them.
 
 Column sums for compression (H2O's attention received and the like) are not a by-product
 of the kernel: when a step's capture asks for them, the rows run once more through
@@ -20,31 +20,12 @@ stay the native kernel's. Those steps cost about twice the attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from thinfer.attention import invariant_paged
 from thinfer.attention.metadata import AttentionMetadata
+from thinfer.attention.native_rows import native_rows_attention
 from thinfer.kernels.cpu_attention import native_decode_attention
-
-
-@dataclass(frozen=True)
-class RowTables:
-    """Every query row of a step as a decode of its own: its block table and length."""
-
-    tables: torch.Tensor  # [T, max_blocks] int64: the row's sequence's block table
-    lengths: torch.Tensor  # [T] int64: slots the row sees (its own included)
-
-    @classmethod
-    def build(cls, meta: AttentionMetadata) -> RowTables:
-        """From the step's metadata (built once per step, shared by the layers)."""
-        counts = torch.tensor(meta.query_lens_list, dtype=torch.int64)
-        tables = meta.block_tables.to(torch.int64).repeat_interleave(counts, dim=0)
-        lengths = []
-        for context, count in zip(meta.context_lens_list, meta.query_lens_list, strict=True):
-            lengths.extend(range(context - count + 1, context + 1))
-        return cls(tables.contiguous(), torch.tensor(lengths, dtype=torch.int64))
 
 
 def paged_attention(
@@ -56,8 +37,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the flat queries q [T, Hq, D] over the cache; returns [T, Hq, D], each row
     independent of the batch (see the module docstring)."""
-    rows = meta.plan(RowTables.build)
-    out = native_decode_attention(q, k_cache, v_cache, rows.tables, rows.lengths, scale)
+    out = native_rows_attention(q, k_cache, v_cache, meta, scale)
     capture = meta.capture
     if capture is not None and any(capture.wants_column_sums(i) for i in range(meta.num_seqs)):
         invariant_paged.paged_attention(q, k_cache, v_cache, meta, scale)  # the sums only

@@ -1,9 +1,11 @@
 """Attention over the paged KV cache in plain torch.
 
-This is the CPU backend and the ground truth that GPU kernels are tested against. Its decodes
-in fp32 on a CPU that runs the native kernels go through `native_decode_attention` (one C
-call for all of them, the blocks read in place; `decode_attention` here is its reference),
-except those whose attention signals a compression method records. The cache
+This is the CPU backend and the ground truth that GPU kernels are tested against. In fp32 on a
+CPU that runs the native kernels, a step whose column sums no compression method records
+goes through the native decode kernel, every row, decode or prefill, as a decode of its own
+(`thinfer.attention.native_rows`: one C call, the blocks read in place; `decode_attention`
+and `prefill_attention` here are its references); in a step that records them, the decodes
+that record none still do. The cache
 of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]; a
 sequence's slot s lives in block `block_table[s // block_size]` at offset `s % block_size`.
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from thinfer.attention.capture import sum_query_groups
 from thinfer.attention.metadata import AttentionMetadata
+from thinfer.attention.native_rows import native_rows_attention
 from thinfer.kernels.cpu_attention import native_decode_applies, native_decode_attention
 
 # Query rows per chunk when prefill column sums are computed explicitly (bounds memory).
@@ -91,8 +94,12 @@ def paged_attention(
     When `meta.capture` asks for them, the column sums of the attention probabilities of
     some sequences are recorded on the way (see `thinfer.attention.capture`).
     """
-    out = torch.empty_like(q)
     capture = meta.capture
+    if native_decode_applies(q, k_cache) and not (
+        capture and any(capture.wants_column_sums(i) for i in range(meta.num_seqs))
+    ):
+        return native_rows_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
     num_kv_heads = k_cache.shape[2]
     decodes = meta.num_decodes
     native = (

@@ -27,10 +27,13 @@ def native_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    table_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, D] (rows may be strided: views of a fused
-    projection), over its first context_lens[b] cached slots (caches [num_blocks,
-    block_size, Hkv, D], block_tables [B, W] int64) -> [B, Hq, D]."""
+    """One query per row, q [B, Hq, D] (rows may be strided: views of a fused projection),
+    over the first context_lens[b] cached slots (caches [num_blocks, block_size, Hkv, D]) of
+    row table_rows[b] of block_tables [S, W] int64 (table_rows None: row b, S == B)
+    -> [B, Hq, D]. Each row is computed on its own, in an order fixed by its length: a row's
+    bits do not depend on the others."""
     library = native_library()
     if library is None:
         raise RuntimeError("the native CPU kernels are unavailable here (see cpu_native)")
@@ -42,10 +45,15 @@ def native_decode_attention(
         q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lengths = context_lens.to(torch.int64).contiguous()
+    if lengths.shape != (batch,) or (table_rows is None and tables.shape[0] != batch):
+        raise ValueError(f"decode attention: {batch} rows, lengths {tuple(lengths.shape)}")
+    rows = None if table_rows is None else table_rows.to(torch.int64).contiguous()
+    if rows is not None and rows.shape != (batch,):
+        raise ValueError(f"decode attention: {batch} rows, table rows {tuple(rows.shape)}")
     out = torch.empty(batch, q_heads, head_dim)
     library.paged_decode_attention(
         *(q.data_ptr(), q.stride(0), batch, q_heads, kv_heads, head_dim),
         *(k_cache.data_ptr(), v_cache.data_ptr(), block_size, tables.data_ptr(), tables.shape[1]),
-        *(lengths.data_ptr(), scale, out.data_ptr()),
+        *(None if rows is None else rows.data_ptr(), lengths.data_ptr(), scale, out.data_ptr()),
     )
     return out

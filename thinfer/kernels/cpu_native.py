@@ -62,7 +62,7 @@ SIGNATURES = {
     "paged_decode_attention": (
         *(_ptr, _i64, _i64, _i64, _i64, _i64),  # q, its row stride, seqs, q/kv heads, head dim
         *(_ptr, _ptr, _i64, _ptr, _i64),  # caches, block size, block tables and their width
-        *(_ptr, _f32, _ptr),  # context lengths, scale, out
+        *(_ptr, _ptr, _f32, _ptr),  # each row's table (or NULL), context lengths, scale, out
     ),
     "q16_quantize": (_ptr, _i64, _i64, _ptr, _ptr, _ptr),
     "q4_linear": (_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr),

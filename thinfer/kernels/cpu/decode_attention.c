@@ -1,7 +1,9 @@
 /* Decode attention over the paged KV cache in fp32, reading keys and values where they lie
  * (no gathered copy): one query per sequence, q [B, Hq, D] (rows `q_row_stride` floats
  * apart: views of a fused qkv projection are fine), attends to the first
- * context_lens[b] slots of its blocks; a KV head serves Hq / Hkv query heads (GQA). The cache
+ * context_lens[b] slots of its blocks (row table_rows[b] of block_tables; table_rows NULL:
+ * row b), so the rows of a prefill chunk can each be a "decode" over their own length of
+ * one sequence's table; a KV head serves Hq / Hkv query heads (GQA). The cache
  * of a layer is [num_blocks, block_size, Hkv, D]; slot s of sequence b is in block
  * block_tables[b, s / block_size] at offset s % block_size.
  *
@@ -108,8 +110,8 @@ static inline __m256 eight_dots(const float *query, const float *const keys[8], 
 void paged_decode_attention(const float *q, int64_t q_row_stride, int64_t seqs, int64_t q_heads,
                             int64_t kv_heads, int64_t head_dim, const float *k_cache,
                             const float *v_cache, int64_t block_size, const int64_t *block_tables,
-                            int64_t table_width, const int64_t *context_lens, float scale,
-                            float *out) {
+                            int64_t table_width, const int64_t *table_rows,
+                            const int64_t *context_lens, float scale, float *out) {
     const int64_t group = q_heads / kv_heads;
     const int vector_keys = head_dim % 8 == 0;
     const __m256 scaling = _mm256_set1_ps(scale);
@@ -121,7 +123,8 @@ void paged_decode_attention(const float *q, int64_t q_row_stride, int64_t seqs, 
             void *memory = malloc(slot_bytes * (size_t)length); /* offsets, then scores */
             int64_t *offsets = (int64_t *)memory;
             float *scores = (float *)(offsets + length);
-            slot_offsets(block_tables + b * table_width, block_size, kv_heads, kvh, head_dim,
+            const int64_t table = table_rows ? table_rows[b] : b;
+            slot_offsets(block_tables + table * table_width, block_size, kv_heads, kvh, head_dim,
                          length, offsets);
             int64_t s = 0;
             for (; vector_keys && s + 8 <= length; s += 8) {

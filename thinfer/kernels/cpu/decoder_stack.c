@@ -94,7 +94,7 @@ void decoder_stack(const Stack *stack, int64_t m, float *hidden, const int64_t *
         }
         paged_decode_attention(qkv, qkv_width, m, layer->q_heads, layer->kv_heads, d,
                                layer->k_cache, layer->v_cache, stack->block_size, block_tables,
-                               table_width, context_lens, stack->scale, attended);
+                               table_width, NULL, context_lens, stack->scale, attended);
         product(&layer->o, attended, m, block_out);
         add_rms_norm(block_out, residual, layer->post_norm, m, h, stack->eps, normed, residual);
         product(&layer->gate_up, normed, m, gate_up);

@@ -14,8 +14,8 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t width, float *out);
 void paged_decode_attention(const float *q, int64_t q_row_stride, int64_t seqs, int64_t q_heads,
                             int64_t kv_heads, int64_t head_dim, const float *k_cache,
                             const float *v_cache, int64_t block_size, const int64_t *block_tables,
-                            int64_t table_width, const int64_t *context_lens, float scale,
-                            float *out);
+                            int64_t table_width, const int64_t *table_rows,
+                            const int64_t *context_lens, float scale, float *out);
 void f32_linear(const float *x, int64_t m, int64_t k, const float *weight, int64_t n,
                 const float *bias, float *y);
 void q4_linear(const float *x, int64_t m, int64_t k, const uint8_t *codes, const uint16_t *dm,
