@@ -73,7 +73,7 @@ def make_batch_invariant(
     model."""
     weight = next(net.parameters())
     cfg = net.config
-    # The same queries run by both backends' checks: the column sums still go through torch.
+    # Both paths need it: the native one still takes its column sums through invariant_paged.
     check_bmm_rows(
         cfg.head_dim,
         cfg.num_attention_heads // cfg.num_key_value_heads,
