@@ -46,6 +46,11 @@ class AttentionCapture:
         """True when batch entry `index` needs the column sums of its attention."""
         return index in self.column_sum_seqs
 
+    @property
+    def wants_any_column_sums(self) -> bool:
+        """True when some batch entry of the step needs its column sums."""
+        return bool(self.column_sum_seqs)
+
     def first_counted_slot(self, index: int) -> int:
         """The first query slot of batch entry `index` whose attention enters its column
         sums (0: all of them)."""

@@ -39,7 +39,7 @@ def paged_attention(
     independent of the batch (see the module docstring)."""
     out = native_rows_attention(q, k_cache, v_cache, meta, scale)
     capture = meta.capture
-    if capture is not None and any(capture.wants_column_sums(i) for i in range(meta.num_seqs)):
+    if capture is not None and capture.wants_any_column_sums:
         invariant_paged.paged_attention(q, k_cache, v_cache, meta, scale)  # the sums only
     return out
 

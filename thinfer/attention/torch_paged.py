@@ -95,9 +95,7 @@ def paged_attention(
     some sequences are recorded on the way (see `thinfer.attention.capture`).
     """
     capture = meta.capture
-    if native_decode_applies(q, k_cache) and not (
-        capture and any(capture.wants_column_sums(i) for i in range(meta.num_seqs))
-    ):
+    if native_decode_applies(q, k_cache) and not (capture and capture.wants_any_column_sums):
         return native_rows_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     num_kv_heads = k_cache.shape[2]

@@ -111,9 +111,8 @@ def _product(linear: Linear, name: str, keep: list[torch.Tensor]) -> tuple[_Prod
     """The C description of one layer's product and the most rows its kernel takes."""
     if linear.dataflow is not None:
         raise Unsupported(f"{name} runs a dataflow-table kernel")
-    if linear.invariant_tiles not in (None, (ANY_ROWS,)) or (
-        linear.invariant_tiles is not None and linear._panels is None
-    ):  # the deterministic mode's panels in one call are the same kernel on the same rows
+    tiles = linear.invariant_tiles  # the deterministic mode's panels in one call: same kernel
+    if tiles is not None and (tiles != (ANY_ROWS,) or linear._panels is None):
         raise Unsupported(f"{name} runs a batch-invariant tiled kernel")
     n, k = linear.weight.shape
     bias = None if linear.bias is None else _fp32(linear.bias.detach(), f"{name}.bias")
